@@ -1,0 +1,38 @@
+PYTHON ?= python
+PUSHT_ZARR ?= $(firstword $(wildcard ../shared/data/pusht/pusht_cchi_v7_replay.zarr) data/pusht/pusht_cchi_v7_replay.zarr)
+export PUSHT_ZARR
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-all lint format bench data train-debug clean
+
+help: ## Show this help
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+install: ## Install torch (CPU 2.13 unless one is installed), then this package with dev tools
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
+	$(PYTHON) -m pip install -e ".[dev]"
+
+test: ## Run the fast test suite (excludes slow and gpu tests)
+	$(PYTHON) -m pytest
+
+test-all: ## Run every test, slow ones included (gpu tests need CUDA)
+	$(PYTHON) -m pytest -m "not gpu or gpu"
+
+lint: ## Check style with ruff
+	ruff check . && ruff format --check .
+
+format: ## Format and fix with ruff
+	ruff format . && ruff check --fix .
+
+bench: ## Print training/inference/data/rollout benchmarks
+	$(PYTHON) scripts/bench.py
+
+data: ## Download and unpack the Push-T demonstrations into data/
+	$(PYTHON) scripts/download_pusht.py
+
+train-debug: ## A tiny end-to-end training run (seconds)
+	$(PYTHON) train.py +experiment=pusht_lowdim +debug=fast
+
+clean: ## Remove run outputs and caches
+	rm -rf outputs multirun wandb .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,133 @@
+"""Temporal 1-D convolutional UNet with FiLM conditioning: the paper's DP-C denoiser."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from diffusion_policy.denoisers.layers import StepEncoder
+
+
+class ConvBlock(nn.Sequential):
+    """Conv1d -> GroupNorm -> Mish, keeping the sequence length."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, n_groups: int) -> None:
+        super().__init__(
+            nn.Conv1d(in_ch, out_ch, kernel_size, padding=kernel_size // 2),
+            nn.GroupNorm(n_groups, out_ch),
+            nn.Mish(),
+        )
+
+
+class FiLMResBlock(nn.Module):
+    """Two conv blocks; the condition scales and shifts the first block's output (FiLM)."""
+
+    def __init__(
+        self, in_ch: int, out_ch: int, cond_dim: int, kernel_size: int, n_groups: int
+    ) -> None:
+        super().__init__()
+        self.conv1 = ConvBlock(in_ch, out_ch, kernel_size, n_groups)
+        self.conv2 = ConvBlock(out_ch, out_ch, kernel_size, n_groups)
+        self.film = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, 2 * out_ch))
+        self.skip = nn.Conv1d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """x: (B, C_in, T), cond: (B, cond_dim) -> (B, C_out, T)."""
+        scale, shift = self.film(cond).unsqueeze(-1).chunk(2, dim=1)  # (B, C_out, 1) each
+        h = self.conv1(x) * scale + shift
+        return self.conv2(h) + self.skip(x)
+
+
+class ConditionalUnet1D(nn.Module):
+    """UNet over the action sequence, conditioned on the diffusion step and observation features.
+
+    The sequence is downsampled by 2 at every level but the last, so the horizon must be a
+    multiple of ``2 ** (len(down_dims) - 1)``.
+
+    Args:
+        action_dim: Size of one action (input and output channels).
+        cond_dim: Size of the global condition (flattened observation features).
+        horizon: Length of the denoised action sequence; checked against the downsampling.
+        down_dims: Channels of each level.
+        kernel_size: Temporal convolution kernel size.
+        n_groups: GroupNorm groups.
+        step_embed_dim: Size of the diffusion-step embedding.
+    """
+
+    def __init__(
+        self,
+        action_dim: int,
+        cond_dim: int,
+        horizon: int,
+        down_dims: tuple[int, ...] | list[int] = (256, 512, 1024),
+        kernel_size: int = 5,
+        n_groups: int = 8,
+        step_embed_dim: int = 256,
+    ) -> None:
+        super().__init__()
+        down_dims = list(down_dims)
+        factor = 2 ** (len(down_dims) - 1)
+        if horizon % factor != 0:
+            raise ValueError(
+                f"horizon={horizon} must be a multiple of {factor}, the UNet's downsampling "
+                f"factor for down_dims={down_dims} ({len(down_dims)} levels)"
+            )
+        for d in down_dims:
+            if d % n_groups != 0:
+                raise ValueError(f"down_dims entry {d} is not divisible by n_groups={n_groups}")
+
+        self.step_encoder = StepEncoder(step_embed_dim)
+        film_dim = step_embed_dim + cond_dim
+
+        def block(i: int, o: int) -> FiLMResBlock:
+            return FiLMResBlock(i, o, film_dim, kernel_size, n_groups)
+
+        dims = [action_dim, *down_dims]
+        self.down = nn.ModuleList()
+        for level, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+            last = level == len(down_dims) - 1
+            resample = nn.Identity() if last else nn.Conv1d(d_out, d_out, 3, stride=2, padding=1)
+            self.down.append(nn.ModuleList([block(d_in, d_out), block(d_out, d_out), resample]))
+
+        self.mid = nn.ModuleList([block(down_dims[-1], down_dims[-1]) for _ in range(2)])
+
+        self.up = nn.ModuleList()
+        for d_out, d_in in reversed(list(zip(down_dims[:-1], down_dims[1:], strict=True))):
+            # d_in: channels coming up; concatenated with the skip of the same width.
+            resample = nn.ConvTranspose1d(d_out, d_out, 4, stride=2, padding=1)
+            self.up.append(nn.ModuleList([block(2 * d_in, d_out), block(d_out, d_out), resample]))
+
+        self.head = nn.Sequential(
+            ConvBlock(down_dims[0], down_dims[0], kernel_size, n_groups),
+            nn.Conv1d(down_dims[0], action_dim, 1),
+        )
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor
+    ) -> torch.Tensor:
+        """Predicts the noise (or the clean sample) for a noisy action sequence.
+
+        Args:
+            sample: Noisy actions, (B, T, Da).
+            timestep: Diffusion steps, (B,) or a scalar.
+            cond: Observation features, (B, cond_dim).
+
+        Returns:
+            The model output, (B, T, Da).
+        """
+        B = sample.shape[0]
+        timestep = torch.as_tensor(timestep, device=sample.device).expand(B)
+        film = torch.cat([self.step_encoder(timestep), cond], dim=-1)  # (B, film_dim)
+
+        x = sample.transpose(1, 2)  # (B, Da, T)
+        skips = []
+        for res1, res2, downsample in self.down:
+            x = res2(res1(x, film), film)
+            skips.append(x)
+            x = downsample(x)
+        for res in self.mid:
+            x = res(x, film)
+        for res1, res2, upsample in self.up:
+            x = torch.cat([x, skips.pop()], dim=1)
+            x = upsample(res2(res1(x, film), film))
+        return self.head(x).transpose(1, 2)  # (B, T, Da)
