@@ -1,0 +1,113 @@
+import functools
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from diffusion_policy.denoisers.unet import ConditionalUnet1D
+from diffusion_policy.encoders.lowdim import LowDimEncoder
+from diffusion_policy.policies.diffusion_policy import DiffusionPolicy
+
+SHAPE_META = {
+    "obs": {
+        "keypoint": {"shape": [18], "type": "low_dim"},
+        "agent_pos": {"shape": [2], "type": "low_dim"},
+    },
+    "action": {"shape": [2]},
+}
+
+
+def make_policy(scheduler=None, horizon=16, **kwargs) -> DiffusionPolicy:
+    torch.manual_seed(0)
+    scheduler = scheduler or DDPMScheduler(
+        num_train_timesteps=20, beta_schedule="squaredcos_cap_v2", clip_sample=True
+    )
+    return DiffusionPolicy(
+        shape_meta=SHAPE_META,
+        encoder=LowDimEncoder(SHAPE_META),
+        denoiser=functools.partial(ConditionalUnet1D, down_dims=[32, 64], step_embed_dim=32),
+        noise_scheduler=scheduler,
+        horizon=horizon,
+        **kwargs,
+    )
+
+
+def make_batch(B=8, To=2, T=16):
+    g = torch.Generator().manual_seed(1)
+    return {
+        "obs": {
+            "keypoint": torch.rand(B, To, 18, generator=g) * 512,
+            "agent_pos": torch.rand(B, To, 2, generator=g) * 512,
+        },
+        "action": torch.rand(B, T, 2, generator=g) * 512,
+    }
+
+
+def fit_normalizer(policy, batch):
+    policy.normalizer.fit(
+        {
+            "keypoint": batch["obs"]["keypoint"].reshape(-1, 18),
+            "agent_pos": batch["obs"]["agent_pos"].reshape(-1, 2),
+            "action": batch["action"].reshape(-1, 2),
+        }
+    )
+
+
+def test_predict_action_shapes_and_chunk_alignment():
+    policy = make_policy(n_obs_steps=2, n_action_steps=8)
+    batch = make_batch(B=3)
+    fit_normalizer(policy, batch)
+    out = policy.predict_action(batch["obs"])
+    assert out["action_pred"].shape == (3, 16, 2)
+    assert out["action"].shape == (3, 8, 2)
+    # The executed chunk starts at the last observed step (index n_obs_steps - 1).
+    torch.testing.assert_close(out["action"], out["action_pred"][:, 1:9])
+    # Clipped samples unnormalize into the action range seen in the data.
+    lo, hi = batch["action"].min(), batch["action"].max()
+    assert (out["action_pred"] >= lo - 1e-3).all() and (out["action_pred"] <= hi + 1e-3).all()
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    policy = make_policy()
+    batch = make_batch(B=2)
+    fit_normalizer(policy, batch)
+    a = policy.predict_action(batch["obs"], generator=torch.Generator().manual_seed(3))
+    b = policy.predict_action(batch["obs"], generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a["action"], b["action"])
+
+
+def test_other_diffusers_scheduler_and_fewer_steps():
+    scheduler = DDIMScheduler(num_train_timesteps=20, beta_schedule="squaredcos_cap_v2")
+    policy = make_policy(scheduler=scheduler, num_inference_steps=4)
+    batch = make_batch(B=2)
+    fit_normalizer(policy, batch)
+    assert torch.isfinite(policy.compute_loss(batch))
+    assert policy.predict_action(batch["obs"])["action"].shape == (2, 8, 2)
+
+
+def test_loss_is_finite_and_falls_when_overfitting_one_batch():
+    policy = make_policy()
+    batch = make_batch(B=16)
+    fit_normalizer(policy, batch)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    torch.manual_seed(0)
+    losses = []
+    for _ in range(150):
+        loss = policy.compute_loss(batch)
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.5 * first, (first, last)
+
+
+def test_bad_chunk_sizes_are_rejected():
+    with pytest.raises(ValueError, match="horizon=8 is too short"):
+        make_policy(horizon=8, n_obs_steps=2, n_action_steps=8)
+
+
+def test_encoder_rejects_unknown_key():
+    with pytest.raises(KeyError, match="'image'"):
+        LowDimEncoder(SHAPE_META, keys=["image"])
