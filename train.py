@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion_policy.data.errors import DatasetError
+from diffusion_policy.training.checkpoint import CheckpointError
 from diffusion_policy.training.trainer import Trainer
 
 
@@ -13,7 +17,10 @@ from diffusion_policy.training.trainer import Trainer
 def main(cfg: DictConfig) -> float | None:
     run_dir = HydraConfig.get().runtime.output_dir
     OmegaConf.save(cfg, f"{run_dir}/config.yaml", resolve=True)
-    metrics = Trainer(cfg, run_dir).train()
+    try:
+        metrics = Trainer(cfg, run_dir).train()
+    except (DatasetError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
     # Returned for Hydra sweepers (e.g. Optuna), which maximize or minimize it.
     return metrics.get("test/mean_score")
 

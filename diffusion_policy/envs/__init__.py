@@ -1,0 +1,24 @@
+"""Simulation: the Push-T env adapter on gym-pusht, video recording and the rollout runner."""
+
+from diffusion_policy.envs.pusht_env import (
+    BLOCK_KEYPOINTS_LOCAL,
+    PushTEnv,
+    block_keypoints,
+    make_pusht_env,
+    protocol_initial_state,
+)
+from diffusion_policy.envs.runner import EnvRunner, EpisodeResult, PushTRunner
+from diffusion_policy.envs.video import FrameRecorder, write_video
+
+__all__ = [
+    "BLOCK_KEYPOINTS_LOCAL",
+    "EnvRunner",
+    "EpisodeResult",
+    "FrameRecorder",
+    "PushTEnv",
+    "PushTRunner",
+    "block_keypoints",
+    "make_pusht_env",
+    "protocol_initial_state",
+    "write_video",
+]

@@ -69,7 +69,7 @@ class Trainer:
         seed_everything(cfg.seed)
 
         # Data: train/val split by whole episodes; the normalizer is fit on the train split.
-        zarr_path = ensure_dataset(cfg.dataset.zarr_path, download=cfg.dataset_download)
+        zarr_path = ensure_dataset(cfg.dataset.zarr_path)
         self.dataset = instantiate(cfg.dataset, zarr_path=str(zarr_path))
         self.val_dataset = self.dataset.get_validation_dataset()
         self.shape_meta = OmegaConf.to_container(OmegaConf.create(self.dataset.shape_meta))

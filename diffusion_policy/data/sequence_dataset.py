@@ -1,0 +1,148 @@
+"""A torch dataset of padded windows over a zarr replay buffer; subclasses name the fields."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from diffusion_policy.data.replay_buffer import ReplayBuffer
+from diffusion_policy.data.sampler import SequenceSampler
+from diffusion_policy.data.split import split_episodes
+
+OBS = "obs"
+ACTION = "action"
+
+
+@dataclass(frozen=True)
+class Field:
+    """How one dataset field is made from a stored array.
+
+    Args:
+        zarr_key: The ``data/<key>`` array it comes from.
+        transform: Applied once at load to the whole ``(n_steps, ...)`` array, e.g. to flatten
+            or select columns; identity if None.
+        type: ``"low_dim"`` (float32, normalized by the policy) or another observation type
+            such as ``"rgb"`` (kept in its stored dtype).
+    """
+
+    zarr_key: str
+    transform: Callable[[np.ndarray], np.ndarray] | None = None
+    type: str = "low_dim"
+
+
+def flatten_steps(x: np.ndarray) -> np.ndarray:
+    """``(n_steps, ...)`` -> ``(n_steps, D)``."""
+    return x.reshape(len(x), -1)
+
+
+class SequenceDataset(Dataset):
+    """Windows ``{"obs": {key: (To, ...)}, "action": (T, Da)}`` over the train episodes.
+
+    Subclasses set ``obs_fields`` (obs key -> :class:`Field`), ``action_field`` and, for keys to
+    convert on load, ``load_dtypes`` (zarr key -> dtype). Samples are float32 tensors for
+    low-dim fields; other observation types keep their stored dtype.
+
+    Besides ``__getitem__``, :meth:`get_batch` (also reachable as ``__getitems__``, which a
+    ``DataLoader`` with a pass-through ``collate_fn`` calls) builds a whole batch by fancy
+    indexing, without per-sample collation.
+
+    Args:
+        zarr_path: The replay buffer store.
+        horizon: Window length T.
+        n_obs_steps: Observed frames To.
+        n_action_steps: Actions executed per policy call (sets the padding after episode ends).
+        val_ratio: Fraction of episodes held out for validation.
+        seed: Seed of the episode split.
+        max_train_episodes: Keep at most this many train episodes (None: all).
+    """
+
+    obs_fields: ClassVar[dict[str, Field]] = {}
+    action_field: ClassVar[Field] = Field("action")
+    load_dtypes: ClassVar[dict[str, Any]] = {}
+
+    def __init__(
+        self,
+        zarr_path: str,
+        horizon: int = 16,
+        n_obs_steps: int = 2,
+        n_action_steps: int = 8,
+        val_ratio: float = 0.02,
+        seed: int = 42,
+        max_train_episodes: int | None = None,
+    ) -> None:
+        fields = {**self.obs_fields, ACTION: self.action_field}
+        zarr_keys = list(dict.fromkeys(f.zarr_key for f in fields.values()))
+        buffer = ReplayBuffer.open(zarr_path, keys=zarr_keys, dtypes=self.load_dtypes)
+        self.arrays: dict[str, np.ndarray] = {}
+        for name, f in fields.items():
+            arr = buffer[f.zarr_key] if f.transform is None else f.transform(buffer[f.zarr_key])
+            if f.type == "low_dim":
+                arr = arr.astype(np.float32, copy=False)
+            self.arrays[name] = np.ascontiguousarray(arr)
+        self.episode_ends = buffer.episode_ends
+        self.horizon = horizon
+        self.n_obs_steps = n_obs_steps
+        self.n_action_steps = n_action_steps
+        self.train_mask, self.val_mask = split_episodes(
+            len(self.episode_ends), val_ratio, seed, max_train_episodes
+        )
+        self.sampler = self._make_sampler(self.train_mask)
+
+    def _make_sampler(self, episode_mask: np.ndarray) -> SequenceSampler:
+        return SequenceSampler(
+            self.arrays,
+            self.episode_ends,
+            horizon=self.horizon,
+            n_obs_steps=self.n_obs_steps,
+            n_action_steps=self.n_action_steps,
+            obs_keys=self.obs_fields,
+            episode_mask=episode_mask,
+        )
+
+    def get_validation_dataset(self) -> SequenceDataset:
+        """The same data windowed over the validation episodes (arrays are shared, not copied)."""
+        val = copy.copy(self)
+        val.sampler = self._make_sampler(self.val_mask)
+        return val
+
+    @property
+    def shape_meta(self) -> dict[str, Any]:
+        """``{"obs": {key: {"shape": [...], "type": ...}}, "action": {"shape": [Da]}}``."""
+        obs = {
+            k: {"shape": list(self.arrays[k].shape[1:]), "type": f.type}
+            for k, f in self.obs_fields.items()
+        }
+        return {OBS: obs, ACTION: {"shape": list(self.arrays[ACTION].shape[1:])}}
+
+    def get_normalizer_data(self) -> dict[str, np.ndarray]:
+        """The low-dim fields and action over the train episodes' steps: ``{key: (N, D)}``."""
+        lengths = np.diff(self.episode_ends, prepend=0)
+        steps = np.repeat(self.train_mask, lengths)  # (n_steps,) bool
+        keys = [k for k, f in self.obs_fields.items() if f.type == "low_dim"] + [ACTION]
+        return {k: flatten_steps(self.arrays[k][steps]) for k in keys}
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        return self._to_batch(self.sampler.sample(idx))
+
+    def get_batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, Any]:
+        """Windows ``indices`` as one batch.
+
+        Returns:
+            ``{"obs": {key: (B, To, ...)}, "action": (B, T, Da)}`` of tensors.
+        """
+        return self._to_batch(self.sampler.sample_batch(np.asarray(indices)))
+
+    __getitems__ = get_batch
+
+    def _to_batch(self, sample: dict[str, np.ndarray]) -> dict[str, Any]:
+        tensors = {k: torch.from_numpy(v) for k, v in sample.items()}
+        return {OBS: {k: tensors[k] for k in self.obs_fields}, ACTION: tensors[ACTION]}
