@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ class RunLogger:
 
         id_file = self.run_dir / "wandb_id.txt"
         run_id = id_file.read_text().strip() if resume and id_file.exists() else None
-        run_id = run_id or wandb.util.generate_id()
+        run_id = run_id or uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
         os.environ.setdefault("WANDB_SILENT", "true")
         self._wandb = wandb.init(
