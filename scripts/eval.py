@@ -2,13 +2,19 @@
 
     python scripts/eval.py checkpoint=outputs/.../checkpoints/latest.ckpt
     python scripts/eval.py checkpoint=... noise_scheduler=ddim num_inference_steps=16
+
+Another ``noise_scheduler`` replaces the trained one for sampling only: it keeps the trained
+noise schedule and prediction type (see :func:`sampling_scheduler`), so any scheduler config of
+``configs/noise_scheduler`` applies to any checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
@@ -19,16 +25,45 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusion_policy.training.builders import load_policy  # noqa: E402
 
+# Scheduler settings that define what the denoiser was trained on; a sampling scheduler keeps
+# the checkpoint's values. Everything else (the class, clipping, solver order) is a sampling
+# choice.
+TRAINED_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+)
+
+
+def sampling_scheduler(trained: Mapping[str, Any], requested: Mapping[str, Any]) -> Any:
+    """Instantiates the ``requested`` scheduler config on the ``trained`` one's noise schedule.
+
+    Args:
+        trained: The checkpoint's ``noise_scheduler`` config.
+        requested: A ``noise_scheduler`` config, e.g. ``configs/noise_scheduler/ddim.yaml``.
+
+    Returns:
+        The diffusers scheduler.
+    """
+    cfg = OmegaConf.to_container(OmegaConf.create(dict(requested)), resolve=True)
+    trained = OmegaConf.to_container(OmegaConf.create(dict(trained)), resolve=True)
+    cfg.update({k: trained[k] for k in TRAINED_KEYS if k in trained})
+    return instantiate(cfg)
+
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
     checkpoint = Path(cfg.checkpoint)
-    overrides = {}
+    policy, train_cfg = load_policy(checkpoint, cfg.device, use_ema=cfg.use_ema)
+    # Replaced rather than merged over the stored config: keys of one scheduler class (DDPM's
+    # variance_type) are not arguments of another (DDIM).
+    scheduler = policy.noise_scheduler
     if cfg.get("noise_scheduler"):
-        overrides["noise_scheduler"] = OmegaConf.to_container(cfg.noise_scheduler)
-    if cfg.num_inference_steps:
-        overrides["policy"] = {"num_inference_steps": cfg.num_inference_steps}
-    policy, train_cfg = load_policy(checkpoint, cfg.device, overrides, use_ema=cfg.use_ema)
+        scheduler = sampling_scheduler(train_cfg.noise_scheduler, cfg.noise_scheduler)
+    policy.set_sampler(scheduler, cfg.num_inference_steps)
 
     out_dir = Path(cfg.output_dir or checkpoint.parent.parent / "eval" / checkpoint.stem)
     out_dir.mkdir(parents=True, exist_ok=True)

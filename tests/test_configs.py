@@ -8,6 +8,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
 from diffusion_policy.training.builders import build_policy
+from diffusion_policy.training.optim import build_optimizer
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
@@ -19,17 +20,17 @@ def _compose(overrides: list[str], name: str = "train"):
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_composes_and_instantiates(experiment, pusht_zarr_path):
+def test_experiment_composes_and_instantiates(experiment, pusht_zarr_path, tmp_path):
     cfg = _compose([f"+experiment={experiment}", f"dataset.zarr_path={pusht_zarr_path}"])
     assert cfg.name == experiment
     dataset = instantiate(cfg.dataset)
     policy = build_policy(cfg, dataset.shape_meta)
     assert policy.horizon == cfg.horizon
     assert sum(p.numel() for p in policy.parameters()) > 0
-    runner = instantiate(cfg.env_runner, output_dir=None)
+    runner = instantiate(cfg.env_runner, output_dir=str(tmp_path))
     assert [s for split, s in runner.seeds if split == "test"] == list(range(100000, 100050))
     assert runner.max_steps == 300
-    instantiate(cfg.optimizer)(params=policy.parameters())
+    assert build_optimizer(cfg.optimizer, policy).param_groups
 
 
 def test_paper_keypoint_settings():

@@ -2,6 +2,9 @@
 
 Layout (the authors' layout): ``data/<key>`` arrays of shape ``(n_steps, ...)`` that concatenate
 all episodes along time, and ``meta/episode_ends`` (int64, exclusive end index of each episode).
+
+Opening a store validates it (see :meth:`ReplayBuffer.open`); every error names the key and the
+step, episode or chunk at fault.
 """
 
 from __future__ import annotations
@@ -10,8 +13,9 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numcodecs
 import numpy as np
@@ -26,6 +30,8 @@ log = logging.getLogger(__name__)
 _LOAD_BLOCK_BYTES = 64 << 20
 # Target size of one saved chunk along time (uncompressed).
 _SAVE_CHUNK_BYTES = 4 << 20
+# dtype kinds a data array may have: bool, signed and unsigned integers, floats.
+_NUMERIC_KINDS = "biuf"
 
 
 class ReplayBuffer:
@@ -65,33 +71,52 @@ class ReplayBuffer:
         path: str | os.PathLike[str],
         keys: list[str] | None = None,
         dtypes: Mapping[str, np.dtype | type | str] | None = None,
+        shapes: Mapping[str, Sequence[int | None]] | None = None,
+        check_finite: bool = True,
     ) -> ReplayBuffer:
-        """Loads a zarr store (format 2 or 3) into RAM.
+        """Loads a zarr store (format 2 or 3) into RAM, validating it.
 
         Args:
             path: The store folder, holding ``data/<key>`` and ``meta/episode_ends``.
             keys: The ``data/`` keys to load; all of them if None.
             dtypes: Optional ``{key: dtype}`` to convert on load, chunk by chunk. The conversion
                 must be lossless (e.g. float32 images holding integers 0..255 -> uint8).
+            shapes: Optional ``{key: per-step shape}`` the arrays must have, ``None`` for a
+                dimension of any size: ``{"keypoint": (9, 2), "img": (None, None, 3)}``.
+            check_finite: Refuse NaN and inf in float arrays.
 
         Returns:
             The loaded buffer.
 
         Raises:
             DatasetNotFoundError: If ``path`` does not exist.
-            DatasetError: If the store lacks ``meta/episode_ends`` or a requested key, an array's
-                length disagrees with the episode ends, or a conversion would lose information.
+            DatasetError: If the store lacks ``meta/episode_ends`` or a requested key, the
+                episode ends are not strictly increasing, an array's length disagrees with them,
+                an array is not numeric or not of the expected per-step shape, a float array holds
+                NaN or inf, a chunk cannot be decompressed, or a conversion would lose
+                information. The message names the key and the index, episode or chunk.
         """
         path = Path(path).expanduser()
         if not path.exists():
             raise DatasetNotFoundError(f"no zarr store at {path}")
         try:
             root = zarr.open_group(str(path), mode="r")
-        except (FileNotFoundError, ValueError, zarr.errors.GroupNotFoundError) as e:
+        except Exception as e:  # zarr raises many types for a bad group
             raise DatasetError(f"{path} is not a readable zarr group ({e})") from e
-        if "meta/episode_ends" not in root:
+        ends_arr = _get_node(root, "meta/episode_ends", path)
+        if not isinstance(ends_arr, zarr.Array):
             raise DatasetError(f"zarr store {path} has no meta/episode_ends array")
-        available = sorted(root["data"].array_keys()) if "data" in root else []
+        data_group = _get_node(root, "data", path)
+        if data_group is not None and not isinstance(data_group, zarr.Group):
+            raise DatasetError(f"zarr store {path}: data is not a group of arrays")
+        try:
+            available = sorted(data_group.array_keys()) if data_group is not None else []
+        except Exception as e:  # an array's metadata is broken: find which, to name it
+            folder = path / "data"
+            names = keys or (sorted(p.name for p in folder.iterdir()) if folder.is_dir() else [])
+            for key in names:
+                _get_node(root, f"data/{key}", path)
+            raise DatasetError(f"zarr store {path}: cannot list the arrays in data/ ({e})") from e
         keys = available if keys is None else list(keys)
         missing = [k for k in keys if k not in available]
         if missing:
@@ -103,21 +128,22 @@ class ReplayBuffer:
         if unknown:
             raise DatasetError(f"dtypes given for keys {unknown} that are not loaded: {keys}")
 
-        ends = np.asarray(root["meta/episode_ends"][:])
+        shapes = dict(shapes or {})
         try:
+            ends = _read_array(ends_arr, "meta/episode_ends")
             _check_episode_ends(ends)
         except DatasetError as e:
             raise DatasetError(f"zarr store {path}: {e}") from e
         n_steps = int(ends[-1]) if len(ends) else 0
         data = {}
         for key in keys:
-            arr = root[f"data/{key}"]
-            if arr.shape[0] != n_steps:
-                raise DatasetError(
-                    f"zarr store {path}: data/{key} has {arr.shape[0]} steps but "
-                    f"meta/episode_ends[-1] is {n_steps}"
-                )
-            data[key] = _load_array(arr, np.dtype(dtypes.get(key, arr.dtype)), key)
+            arr = _get_node(root, f"data/{key}", path)
+            try:
+                _check_array(arr, key, n_steps, shapes.get(key))
+                dtype = np.dtype(dtypes.get(key, arr.dtype))
+                data[key] = _load_array(arr, dtype, key, ends, check_finite)
+            except DatasetError as e:
+                raise DatasetError(f"zarr store {path}: {e}") from e
         log.info("loaded %s: %d episodes, %d steps, keys %s", path, len(ends), n_steps, keys)
         return cls(data, ends)
 
@@ -232,6 +258,7 @@ class ReplayBuffer:
         tmp = path.with_name(f".{path.name}.tmp-{tag}")
         try:
             self._write(tmp)
+            _fsync_tree(tmp)  # The data is on disk before the rename makes it visible.
             if path.exists():
                 old = path.with_name(f".{path.name}.old-{tag}")
                 os.replace(path, old)
@@ -243,6 +270,7 @@ class ReplayBuffer:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, path)
+            _fsync_dir(path.parent)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -262,6 +290,8 @@ class ReplayBuffer:
                 dtype=arr.dtype,
                 chunks=(rows, *arr.shape[1:]),
                 compressors=compressor,
+                # Every chunk is a file, so a missing one means a damaged copy (see _check_array).
+                config={"write_empty_chunks": True},
             )
             if len(arr):
                 out[...] = arr
@@ -298,15 +328,96 @@ def _check_episode_ends(ends: np.ndarray) -> None:
         )
 
 
-def _load_array(arr: zarr.Array, dtype: np.dtype, key: str) -> np.ndarray:
-    """Reads a zarr array block by block into a preallocated array of ``dtype``."""
+def _get_node(root: zarr.Group, name: str, path: Path) -> Any:
+    """``root[name]``, None if absent; a node whose metadata cannot be read is a DatasetError."""
+    try:
+        return root.get(name)
+    except Exception as e:  # broken metadata raises JSON, codec or value errors
+        raise DatasetError(f"zarr store {path}: {name} cannot be opened ({e})") from e
+
+
+def _check_array(arr: Any, key: str, n_steps: int, shape: Sequence[int | None] | None) -> None:
+    """Checks a data array's kind, length, per-step shape and stored chunks before reading."""
+    if not isinstance(arr, zarr.Array):
+        raise DatasetError(f"data/{key} is not an array")
+    if arr.ndim == 0 or arr.dtype.kind not in _NUMERIC_KINDS:
+        raise DatasetError(
+            f"data/{key} has shape {arr.shape} and dtype {arr.dtype}; expected a numeric "
+            f"(bool, integer or float) array of shape (n_steps, ...)"
+        )
+    if arr.shape[0] != n_steps:
+        raise DatasetError(
+            f"data/{key} has {arr.shape[0]} steps but meta/episode_ends[-1] is {n_steps}"
+        )
+    if shape is not None:
+        step_shape = tuple(arr.shape[1:])
+        if len(step_shape) != len(shape) or any(
+            want is not None and want != got for want, got in zip(shape, step_shape, strict=False)
+        ):
+            want = tuple("any" if d is None else d for d in shape)
+            raise DatasetError(f"data/{key} has per-step shape {step_shape}, expected {want}")
+    n_stored = arr.nchunks_initialized
+    if n_stored < arr.nchunks:
+        # zarr reads a missing chunk as the fill value: right for stores written sparsely on
+        # purpose, wrong for a partial copy. Say so rather than fail a valid store.
+        log.warning(
+            "data/%s: %d of %d chunks are not stored and read as the fill value %r; if this "
+            "store was copied or downloaded, the copy may be incomplete",
+            key,
+            arr.nchunks - n_stored,
+            arr.nchunks,
+            arr.fill_value,
+        )
+
+
+def _read_array(arr: zarr.Array, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """``arr[start:stop]``; a chunk that fails to decompress is named in a DatasetError."""
+    try:
+        return np.asarray(arr[start:stop] if arr.ndim else arr[()])
+    except Exception as e:  # codecs raise RuntimeError, ValueError, ...
+        if not arr.ndim:
+            raise DatasetError(f"{name} cannot be read ({e})") from e
+        stop = arr.shape[0] if stop is None else min(stop, arr.shape[0])
+        chunk_rows = arr.chunks[0]
+        for c_start in range(start - start % chunk_rows, stop, chunk_rows):
+            try:
+                arr[c_start : c_start + chunk_rows]
+            except Exception as chunk_error:
+                i = c_start // chunk_rows
+                c_stop = min(c_start + chunk_rows, arr.shape[0]) - 1
+                raise DatasetError(
+                    f"{name}: chunk {_chunk_key(arr, i)} (steps {c_start}..{c_stop}) is corrupt "
+                    f"and cannot be read ({type(chunk_error).__name__}: {chunk_error})"
+                ) from chunk_error
+        raise DatasetError(f"{name} steps {start}..{stop - 1} cannot be read ({e})") from e
+
+
+def _chunk_key(arr: zarr.Array, i: int) -> str:
+    """The store key of the ``i``-th chunk along time, e.g. ``"3.0"`` (format 2)."""
+    try:
+        return repr(arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1)))
+    except Exception:  # only for the message
+        return str(i)
+
+
+def _load_array(
+    arr: zarr.Array, dtype: np.dtype, key: str, ends: np.ndarray, check_finite: bool = True
+) -> np.ndarray:
+    """Reads a zarr array block by block into a preallocated array of ``dtype``.
+
+    Raises:
+        DatasetError: A chunk is corrupt, a value is NaN/inf (float arrays, if
+            ``check_finite``) or the conversion to ``dtype`` would lose information.
+    """
     out = np.empty(arr.shape, dtype=dtype)
     row_bytes = max(1, int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize)
     chunk_rows = arr.chunks[0] if arr.ndim else 1
     rows = max(chunk_rows, _LOAD_BLOCK_BYTES // row_bytes // chunk_rows * chunk_rows)
     convert = dtype != arr.dtype
     for start in range(0, arr.shape[0], rows):
-        block = arr[start : start + rows]
+        block = _read_array(arr, f"data/{key}", start, start + rows)
+        if check_finite and block.dtype.kind == "f":
+            _check_finite(block, key, start, ends)
         if convert:
             with np.errstate(invalid="ignore", over="ignore"):
                 cast = block.astype(dtype)
@@ -318,3 +429,38 @@ def _load_array(arr: zarr.Array, dtype: np.dtype, key: str) -> np.ndarray:
             block = cast
         out[start : start + len(block)] = block
     return out
+
+
+def _check_finite(block: np.ndarray, key: str, start: int, ends: np.ndarray) -> None:
+    """Raises a DatasetError naming the first NaN/inf of ``block`` (rows ``start..``)."""
+    finite = np.isfinite(block)
+    if finite.all():
+        return
+    idx = np.unravel_index(int(np.argmin(finite)), block.shape)
+    step = start + int(idx[0])
+    episode = int(np.searchsorted(ends, step, side="right"))
+    index = ", ".join(str(int(i)) for i in (step, *idx[1:]))
+    raise DatasetError(
+        f"data/{key}[{index}] is {block[idx]} (step {step}, episode {episode}); "
+        f"{int((~finite).sum())} non-finite values in steps {start}..{start + len(block) - 1}"
+    )
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsyncs every file and folder under ``root`` (a store about to be renamed into place)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

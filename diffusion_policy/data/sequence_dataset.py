@@ -44,9 +44,11 @@ def flatten_steps(x: np.ndarray) -> np.ndarray:
 class SequenceDataset(Dataset):
     """Windows ``{"obs": {key: (To, ...)}, "action": (T, Da)}`` over the train episodes.
 
-    Subclasses set ``obs_fields`` (obs key -> :class:`Field`), ``action_field`` and, for keys to
-    convert on load, ``load_dtypes`` (zarr key -> dtype). Samples are float32 tensors for
-    low-dim fields; other observation types keep their stored dtype.
+    Subclasses set ``obs_fields`` (obs key -> :class:`Field`), ``action_field``, for keys to
+    convert on load ``load_dtypes`` (zarr key -> dtype) and, to refuse a store of another layout
+    with a clear error, ``zarr_shapes`` (zarr key -> per-step shape, ``None`` for any size).
+    Samples are float32 tensors for low-dim fields; other observation types keep their stored
+    dtype.
 
     Besides ``__getitem__``, :meth:`get_batch` (also reachable as ``__getitems__``, which a
     ``DataLoader`` with a pass-through ``collate_fn`` calls) builds a whole batch by fancy
@@ -65,6 +67,7 @@ class SequenceDataset(Dataset):
     obs_fields: ClassVar[dict[str, Field]] = {}
     action_field: ClassVar[Field] = Field("action")
     load_dtypes: ClassVar[dict[str, Any]] = {}
+    zarr_shapes: ClassVar[dict[str, tuple[int | None, ...]]] = {}
 
     def __init__(
         self,
@@ -78,7 +81,9 @@ class SequenceDataset(Dataset):
     ) -> None:
         fields = {**self.obs_fields, ACTION: self.action_field}
         zarr_keys = list(dict.fromkeys(f.zarr_key for f in fields.values()))
-        buffer = ReplayBuffer.open(zarr_path, keys=zarr_keys, dtypes=self.load_dtypes)
+        buffer = ReplayBuffer.open(
+            zarr_path, keys=zarr_keys, dtypes=self.load_dtypes, shapes=self.zarr_shapes
+        )
         self.arrays: dict[str, np.ndarray] = {}
         for name, f in fields.items():
             arr = buffer[f.zarr_key] if f.transform is None else f.transform(buffer[f.zarr_key])

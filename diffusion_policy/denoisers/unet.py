@@ -72,8 +72,10 @@ class ConditionalUnet1D(nn.Module):
 
     Args:
         action_dim: Size of one action (input and output channels).
-        cond_dim: Size of the global condition (flattened observation features).
+        cond_dim: Size of one observation frame's features.
         horizon: Length of the denoised action sequence; checked against the downsampling.
+        n_obs_steps: Observation frames; their features are flattened into one global
+            condition of size ``n_obs_steps * cond_dim``.
         down_dims: Channels of each level.
         kernel_size: Temporal convolution kernel size.
         n_groups: GroupNorm groups.
@@ -85,6 +87,7 @@ class ConditionalUnet1D(nn.Module):
         action_dim: int,
         cond_dim: int,
         horizon: int,
+        n_obs_steps: int = 1,
         down_dims: tuple[int, ...] | list[int] = (256, 512, 1024),
         kernel_size: int = 5,
         n_groups: int = 8,
@@ -103,7 +106,7 @@ class ConditionalUnet1D(nn.Module):
                 raise ValueError(f"down_dims entry {d} is not divisible by n_groups={n_groups}")
 
         self.step_encoder = StepEncoder(step_embed_dim)
-        film_dim = step_embed_dim + cond_dim
+        film_dim = step_embed_dim + n_obs_steps * cond_dim
 
         def block(i: int, o: int) -> FiLMResBlock:
             return FiLMResBlock(i, o, film_dim, kernel_size, n_groups)
@@ -136,13 +139,14 @@ class ConditionalUnet1D(nn.Module):
         Args:
             sample: Noisy actions, (B, T, Da).
             timestep: Diffusion steps, (B,) or a scalar.
-            cond: Observation features, (B, cond_dim).
+            cond: Observation features, (B, To, cond_dim), or already flattened (B, To * cond_dim).
 
         Returns:
             The model output, (B, T, Da).
         """
         B = sample.shape[0]
         timestep = torch.as_tensor(timestep, device=sample.device).expand(B)
+        cond = cond.flatten(1)  # (B, To * cond_dim)
         film = torch.cat([self.step_encoder(timestep), cond], dim=-1)  # (B, film_dim)
 
         x = sample.transpose(1, 2).contiguous()  # (B, Da, T)

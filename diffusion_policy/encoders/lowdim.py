@@ -26,7 +26,7 @@ class LowDimEncoder(nn.Module):
             keys = [k for k, m in obs_meta.items() if m.get("type", "low_dim") == "low_dim"]
         for k in keys:
             if k not in obs_meta:
-                raise KeyError(f"encoder key {k!r} is not in the dataset's obs keys {list(obs_meta)}")
+                raise KeyError(f"encoder key {k!r} is not among the obs keys {list(obs_meta)}")
             if obs_meta[k].get("type", "low_dim") != "low_dim":
                 raise ValueError(f"LowDimEncoder cannot encode {k!r} of type {obs_meta[k]['type']}")
         if not keys:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -18,8 +19,9 @@ ACTION = "action"
 class DiffusionPolicy(nn.Module):
     """Predicts a chunk of actions by iteratively denoising Gaussian noise.
 
-    The observation of the last ``n_obs_steps`` frames is encoded once into a global condition;
-    the denoiser predicts the noise (or the clean actions) of a ``horizon``-long action sequence.
+    The observation of the last ``n_obs_steps`` frames is encoded once, frame by frame, into the
+    condition (B, To, F); the denoiser predicts the noise (or the clean actions) of a
+    ``horizon``-long action sequence.
     Of the predicted horizon, the ``n_action_steps`` actions starting at the last observed step
     are the ones executed.
 
@@ -27,9 +29,13 @@ class DiffusionPolicy(nn.Module):
         shape_meta: The dataset's shape description (observation keys with shapes and types,
             and the action shape).
         encoder: Maps normalized observations {key: (B, To, ...)} to (B, To, encoder.output_dim).
-        denoiser: Factory ``denoiser(action_dim=, cond_dim=, horizon=)`` returning the network,
-            e.g. a ``functools.partial`` of :class:`ConditionalUnet1D` made by Hydra.
-        noise_scheduler: A diffusers scheduler (DDPM, DDIM, DPM-Solver, ...).
+        denoiser: Factory ``denoiser(action_dim=, cond_dim=, n_obs_steps=, horizon=)`` returning
+            the network called as ``denoiser(sample (B, T, Da), timestep, cond (B, To, F))``,
+            e.g. a ``functools.partial`` of :class:`ConditionalUnet1D` made by Hydra;
+            ``cond_dim`` is the per-frame feature size F.
+        noise_scheduler: A diffusers scheduler (DDPM, DDIM, DPM-Solver, ...). Training noises
+            actions with its ``alphas_cumprod``; sampling runs its ``step``. When its config asks
+            to clip (``clip_sample`` or ``thresholding``), the final sample is clamped too.
         horizon: Length of the predicted action sequence.
         n_obs_steps: Number of observation frames conditioning the prediction.
         n_action_steps: Number of actions executed per prediction.
@@ -66,7 +72,8 @@ class DiffusionPolicy(nn.Module):
         self.encoder = encoder
         self.denoiser = denoiser(
             action_dim=self.action_dim,
-            cond_dim=encoder.output_dim * n_obs_steps,
+            cond_dim=encoder.output_dim,
+            n_obs_steps=n_obs_steps,
             horizon=horizon,
         )
         self.noise_scheduler = noise_scheduler
@@ -80,6 +87,44 @@ class DiffusionPolicy(nn.Module):
         }
         self.normalizer = LinearNormalizer({**low_dim, ACTION: self.action_dim})
 
+    def set_sampler(
+        self, noise_scheduler: SchedulerMixin, num_inference_steps: int | None = None
+    ) -> None:
+        """Samples with another diffusers scheduler and/or number of steps, without retraining.
+
+        Args:
+            noise_scheduler: The new scheduler. It must describe the noise schedule the denoiser
+                was trained on: the same cumulative alphas and prediction type.
+            num_inference_steps: Denoising steps; None keeps the current number.
+
+        Raises:
+            ValueError: The scheduler's noise schedule or prediction type differs from training.
+        """
+        old, new = self.noise_scheduler, noise_scheduler
+        old_alphas = getattr(old, "alphas_cumprod", None)
+        new_alphas = getattr(new, "alphas_cumprod", None)
+        if (
+            old_alphas is None
+            or new_alphas is None
+            or old_alphas.shape != new_alphas.shape
+            or not torch.allclose(old_alphas, new_alphas)
+        ):
+            raise ValueError(
+                f"{type(new).__name__}(num_train_timesteps={new.config.num_train_timesteps}, "
+                f"beta_schedule={new.config.get('beta_schedule')!r}) does not have the noise "
+                f"schedule the denoiser was trained on: {type(old).__name__}("
+                f"num_train_timesteps={old.config.num_train_timesteps}, "
+                f"beta_schedule={old.config.get('beta_schedule')!r})"
+            )
+        if new.config.prediction_type != old.config.prediction_type:
+            raise ValueError(
+                f"prediction_type={new.config.prediction_type!r} differs from the trained "
+                f"{old.config.prediction_type!r}"
+            )
+        self.noise_scheduler = new
+        if num_inference_steps:
+            self.num_inference_steps = num_inference_steps
+
     # ----------------------------------------------------------------------------------------
     def _normalize_obs(self, obs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Normalizes the low-dim keys and keeps the first n_obs_steps frames of each key."""
@@ -92,8 +137,8 @@ class DiffusionPolicy(nn.Module):
         return out
 
     def encode_obs(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Encodes raw observations {key: (B, >=To, ...)} into the global condition (B, To * F)."""
-        return self.encoder(self._normalize_obs(obs)).flatten(1)
+        """Encodes raw observations {key: (B, >=To, ...)} into the condition (B, To, F)."""
+        return self.encoder(self._normalize_obs(obs))
 
     def compute_loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Denoising loss of a training batch.
@@ -104,13 +149,18 @@ class DiffusionPolicy(nn.Module):
         Returns:
             The scalar mean-squared error of the denoiser's prediction.
         """
-        cond = self.encode_obs(batch["obs"])  # (B, To * F)
+        cond = self.encode_obs(batch["obs"])  # (B, To, F)
         actions = self.normalizer.normalize_key(ACTION, batch[ACTION].float())  # (B, T, Da)
         noise = torch.randn_like(actions)
         timesteps = torch.randint(
             0, self.num_train_timesteps, (actions.shape[0],), device=actions.device
         )
-        noisy = self.noise_scheduler.add_noise(actions, noise, timesteps)
+        # The forward process x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps, from the scheduler's
+        # cumulative alphas rather than its `add_noise`: the multistep solvers' `add_noise`
+        # (DPM-Solver, UniPC) looks sigmas up by their inference timesteps, which does not noise
+        # arbitrary training steps correctly. For DDPM and DDIM the two are the same.
+        alpha_bar = self._alphas_cumprod(actions)[timesteps].view(-1, 1, 1)  # (B, 1, 1)
+        noisy = alpha_bar.sqrt() * actions + (1 - alpha_bar).sqrt() * noise
         pred = self.denoiser(noisy, timesteps, cond)
 
         prediction_type = self.noise_scheduler.config.prediction_type
@@ -119,10 +169,35 @@ class DiffusionPolicy(nn.Module):
         elif prediction_type == "sample":
             target = actions
         elif prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(actions, noise, timesteps)
+            target = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * actions
         else:
             raise ValueError(f"unsupported prediction_type={prediction_type!r}")
         return F.mse_loss(pred, target)
+
+    def _alphas_cumprod(self, like: torch.Tensor) -> torch.Tensor:
+        """The scheduler's cumulative alphas (num_train_timesteps,) on ``like``'s device."""
+        alphas_cumprod = getattr(self.noise_scheduler, "alphas_cumprod", None)
+        if alphas_cumprod is None:
+            raise ValueError(
+                f"noise scheduler {type(self.noise_scheduler).__name__} has no alphas_cumprod; "
+                "only discrete-time (DDPM-family) diffusers schedulers are supported"
+            )
+        return alphas_cumprod.to(device=like.device, dtype=like.dtype)
+
+    def _clip_range(self) -> float | None:
+        """The bound of normalized samples when the scheduler config asks to clip, else None.
+
+        DDPM and DDIM clip the predicted clean sample (``clip_sample``); the multistep solvers
+        threshold it (``thresholding``, at most ``sample_max_value``). Their last step returns
+        that clean sample, so clamping the final sample to the same bound changes nothing there;
+        it keeps any scheduler that clips along the way (and float round-off) inside the range.
+        """
+        config = self.noise_scheduler.config
+        if config.get("clip_sample", False):
+            return float(config.get("clip_sample_range", 1.0))
+        if config.get("thresholding", False):
+            return float(config.get("sample_max_value", 1.0))
+        return None
 
     @torch.no_grad()
     def predict_action(
@@ -138,7 +213,7 @@ class DiffusionPolicy(nn.Module):
             ``"action"``: the executed chunk (B, n_action_steps, Da), starting at the last
             observed step; ``"action_pred"``: the whole predicted horizon (B, horizon, Da).
         """
-        cond = self.encode_obs(obs)  # (B, To * F)
+        cond = self.encode_obs(obs)  # (B, To, F)
         B = cond.shape[0]
         x = torch.randn(
             (B, self.horizon, self.action_dim),
@@ -148,9 +223,20 @@ class DiffusionPolicy(nn.Module):
 
         scheduler = self.noise_scheduler
         scheduler.set_timesteps(self.num_inference_steps, device=cond.device)
+        # Some schedulers (UniPC) draw no noise and take no generator.
+        step_kwargs = (
+            {"generator": generator}
+            if "generator" in inspect.signature(scheduler.step).parameters
+            else {}
+        )
+        x = x * scheduler.init_noise_sigma  # 1 for variance-preserving schedulers
         for t in scheduler.timesteps:
-            model_output = self.denoiser(x, t, cond)
-            x = scheduler.step(model_output, t, x, generator=generator).prev_sample
+            model_input = scheduler.scale_model_input(x, t)  # identity unless sigma-scaled
+            model_output = self.denoiser(model_input, t, cond)
+            x = scheduler.step(model_output, t, x, **step_kwargs).prev_sample
+        clip = self._clip_range()
+        if clip is not None:
+            x = x.clamp(-clip, clip)
 
         action_pred = self.normalizer.unnormalize_key(ACTION, x)  # (B, T, Da)
         start = self.n_obs_steps - 1

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -18,28 +20,69 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 
 
+# Temporary files of atomic_write: ".<name>.<random>.tmp" next to the destination.
+_TMP_SUFFIX = ".tmp"
+# errno -> what the user can do about it.
+_ADVICE = {
+    errno.ENOSPC: "free disk space there",
+    errno.EDQUOT: "free space within your disk quota",
+    errno.EFBIG: "the file size limit (ulimit -f) is too low for it",
+    errno.EACCES: "make the folder writable, or choose another run folder (hydra.run.dir=...)",
+    errno.EPERM: "make the folder writable, or choose another run folder (hydra.run.dir=...)",
+    errno.EROFS: "the file system is read-only; choose another run folder (hydra.run.dir=...)",
+    errno.ENOTDIR: "a file is in the way of the folder; move it or choose another run folder",
+    errno.EEXIST: "a file is in the way of the folder; move it or choose another run folder",
+}
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, unsafe or does not fit the model."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (full disk, no permission...).
+
+    The file previously at the destination, if any, is untouched and still loads.
+    """
+
+
+def describe_os_error(e: OSError) -> str:
+    """``"[ENOSPC] No space left on device"`` plus advice, for an error message."""
+    name = errno.errorcode.get(e.errno or 0, "unknown errno")
+    advice = _ADVICE.get(e.errno or 0)
+    text = f"[{name}] {e.strerror or e}"
+    return f"{text}: {advice}" if advice else text
 
 
 def atomic_write(path: str | Path, write: Any) -> None:
     """Writes a file through a temporary sibling, fsync and rename: it is complete or absent.
 
+    If the write fails or the process dies midway, ``path`` keeps its previous content; a dead
+    process can leave a ``.<name>.*.tmp`` sibling, which :func:`remove_stale_temp_files` deletes.
+
     Args:
         path: Destination.
-        write: Callable taking an open binary file object.
+        write: Callable taking a binary file object (``write``, ``writelines``, ``flush``).
+
+    Raises:
+        OSError: The folder cannot be created or written, e.g. ENOSPC when the disk is full
+            (the partial temporary file is removed).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+        with os.fdopen(fd, "wb", buffering=0) as f:
+            write(_FullWriter(f))
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        disk_error = _os_error_in_chain(e)
+        if disk_error is not None and disk_error is not e:
+            # torch.save reports a failed write as a RuntimeError ("unexpected pos"); the
+            # OSError that says why (e.g. ENOSPC) is its context.
+            raise OSError(disk_error.errno, disk_error.strerror, str(tmp)) from e
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -48,10 +91,108 @@ def atomic_write(path: str | Path, write: Any) -> None:
         os.close(dir_fd)
 
 
+class _FullWriter:
+    """A binary file whose ``write`` writes everything or raises (a full disk: ENOSPC).
+
+    An unbuffered file may write fewer bytes than asked when the disk fills up and only raise
+    on the next call; writers like ``torch.save`` then fail with a confusing error.
+    """
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        size = len(view)
+        while view:
+            view = view[self._f.write(view) :]
+        return size
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        """Nothing is buffered."""
+
+
+def _os_error_in_chain(e: BaseException | None) -> OSError | None:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def remove_stale_temp_files(directory: str | Path) -> list[Path]:
+    """Deletes the temporary files that writers killed midway left in ``directory``.
+
+    Only one process writes a run's checkpoints, so call this before it starts writing.
+
+    Returns:
+        The files removed.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = [
+        p
+        for p in directory.iterdir()
+        if p.name.startswith(".") and p.name.endswith(_TMP_SUFFIX) and p.is_file()
+    ]
+    for p in stale:
+        p.unlink(missing_ok=True)
+        log.warning("removed %s, left by a checkpoint write that did not finish", p)
+    return stale
+
+
+def check_writable(directory: str | Path) -> None:
+    """Creates ``directory`` and writes a probe file there, so a run fails before training.
+
+    Raises:
+        CheckpointWriteError: The folder cannot be created or written, with what to do about it.
+    """
+    directory = Path(directory)
+    probe = directory / ".write_probe"
+    try:
+        atomic_write(probe, lambda f: f.write(b"ok"))
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointWriteError(
+            f"cannot write checkpoints to {directory}: {describe_os_error(e)}"
+        ) from None
+
+
+def warn_if_low_disk(directory: str | Path, bytes_needed: int) -> None:
+    """Logs a warning when ``directory``'s file system has less than ``bytes_needed`` free."""
+    free = shutil.disk_usage(directory).free
+    if free < bytes_needed:
+        log.warning(
+            "only %.2f GB free in %s; this run's checkpoints need about %.2f GB",
+            free / 1e9,
+            directory,
+            bytes_needed / 1e9,
+        )
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Saves a dict of tensors, state dicts and plain Python data atomically."""
+    """Saves a dict of tensors, state dicts and plain Python data atomically.
+
+    Raises:
+        CheckpointWriteError: The file cannot be written (disk full, no permission...); the
+            checkpoint previously at ``path``, if any, is untouched.
+    """
+    path = Path(path)
     state = {"format_version": FORMAT_VERSION, **state}
-    atomic_write(path, lambda f: torch.save(state, f))
+    try:
+        atomic_write(path, lambda f: torch.save(state, f))
+    except OSError as e:
+        kept = f"; the previous {path.name} is untouched" if path.exists() else ""
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {path}: {describe_os_error(e)}{kept}"
+        ) from e
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -81,7 +222,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> None:
+def load_model_state(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor], what: str
+) -> None:
     """``model.load_state_dict`` with an error that names every mismatching key and shape."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))

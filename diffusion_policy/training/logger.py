@@ -1,4 +1,10 @@
-"""Run logging: Weights & Biases (offline by default) and a JSONL file in the run folder."""
+"""Run logging: Weights & Biases (offline by default) and a JSONL file in the run folder.
+
+The JSONL file is append-only: one ``write`` per record, each a whole line. It is synced to disk
+at every checkpoint (:meth:`RunLogger.sync`). A crash can leave a partial last line (power loss,
+full disk): :func:`read_jsonl` skips it, and a resumed run first cuts the file back to the
+records up to the checkpoint it resumes from, so no step appears twice.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,8 @@ import os
 import uuid
 from pathlib import Path
 from typing import Any
+
+from diffusion_policy.training.checkpoint import atomic_write, describe_os_error
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +35,8 @@ class RunLogger:
         name: W&B run name.
         tags: W&B tags.
         resume: Continue the W&B run whose id is stored in the run folder.
+        resume_step: When resuming, drop the JSONL records after this step (they were logged
+            after the checkpoint the run resumes from, and are logged again).
     """
 
     def __init__(
@@ -39,13 +49,19 @@ class RunLogger:
         name: str | None = None,
         tags: list[str] | None = None,
         resume: bool = False,
+        resume_step: int | None = None,
     ) -> None:
         if mode not in WANDB_MODES:
             raise ValueError(f"logger.mode={mode!r} must be one of {WANDB_MODES}")
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.run_dir / "logs.jsonl"
-        self._jsonl = open(self.jsonl_path, "a", buffering=1)  # noqa: SIM115 (closed in finish)
+        if resume_step is not None and self.jsonl_path.exists():
+            _truncate_after(self.jsonl_path, resume_step)
+        # Raw appends: each record is one write(2) of a whole line, nothing waits in a buffer.
+        self._fd: int | None = os.open(self.jsonl_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        self._torn = _ends_mid_line(self.jsonl_path)  # a crash left a partial last line
+        self._write_failed = False
         self._wandb = None
         if mode == "disabled":
             return
@@ -55,7 +71,7 @@ class RunLogger:
         id_file = self.run_dir / "wandb_id.txt"
         run_id = id_file.read_text().strip() if resume and id_file.exists() else None
         run_id = run_id or uuid.uuid4().hex[:8]
-        id_file.write_text(run_id)
+        atomic_write(id_file, lambda f: f.write(run_id.encode()))
         os.environ.setdefault("WANDB_SILENT", "true")
         self._wandb = wandb.init(
             project=project,
@@ -73,8 +89,11 @@ class RunLogger:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         """Logs scalar metrics (and W&B media objects, which skip the JSONL file) at a step."""
         scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-        record = {"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in scalars.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
+        record = {
+            "step": step,
+            **{k: (v if math.isfinite(v) else str(v)) for k, v in scalars.items()},
+        }
+        self._append(json.dumps(record) + "\n")
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
 
@@ -85,9 +104,94 @@ class RunLogger:
 
             self._wandb.log({key: wandb.Video(str(path), format="mp4")}, step=step)
 
+    def _append(self, line: str) -> None:
+        """Appends one line; a failed write (e.g. a full disk) warns once and does not raise."""
+        if self._fd is None:
+            return
+        data = line.encode()
+        if self._torn:  # End the partial line first, so this record stays readable.
+            data = b"\n" + data
+        try:
+            written = os.write(self._fd, data)
+        except OSError as e:
+            if not self._write_failed:
+                log.warning("cannot append to %s: %s", self.jsonl_path, describe_os_error(e))
+            self._write_failed = True
+            return
+        self._torn = written < len(data)
+        self._write_failed = False
+
+    def sync(self) -> None:
+        """Forces the JSONL records written so far to disk (the trainer calls it per checkpoint)."""
+        if self._fd is None:
+            return
+        try:
+            os.fsync(self._fd)
+        except OSError as e:
+            log.warning("cannot sync %s: %s", self.jsonl_path, describe_os_error(e))
+
     def finish(self) -> None:
-        """Flushes and closes the JSONL file and the W&B run."""
-        self._jsonl.close()
+        """Syncs and closes the JSONL file, and finishes the W&B run."""
+        if self._fd is not None:
+            self.sync()
+            os.close(self._fd)
+            self._fd = None
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSONL log, skipping lines a crash left partial (with a warning).
+
+    Args:
+        path: A ``logs.jsonl`` written by :class:`RunLogger`.
+
+    Returns:
+        One dict per complete record, in file order.
+    """
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning(
+                    "%s:%d is not a complete JSON record (skipped): %.60r", path, lineno, line
+                )
+    return records
+
+
+def _ends_mid_line(path: Path) -> bool:
+    size = path.stat().st_size
+    if size == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - 1)
+        return f.read(1) != b"\n"
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Rewrites ``path`` (atomically) without the records after ``step`` and partial lines."""
+    kept, dropped = [], 0
+    for line in path.read_bytes().splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            dropped += 1
+            continue
+        if (
+            isinstance(record, dict)
+            and isinstance(record.get("step"), int)
+            and record["step"] > step
+        ):
+            dropped += 1
+            continue
+        kept.append(line if line.endswith(b"\n") else line + b"\n")
+    if dropped:
+        atomic_write(path, lambda f: f.writelines(kept))
+        log.info(
+            "%s: dropped %d records after step %d, the resumed checkpoint", path, dropped, step
+        )

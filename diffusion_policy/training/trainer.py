@@ -20,17 +20,74 @@ from diffusion_policy.data.download import ensure_dataset
 from diffusion_policy.training.builders import build_policy, resolve_device
 from diffusion_policy.training.checkpoint import (
     CheckpointError,
+    CheckpointWriteError,
     TopKCheckpoints,
+    check_writable,
     load_checkpoint,
     load_model_state,
+    remove_stale_temp_files,
     save_checkpoint,
+    warn_if_low_disk,
 )
 from diffusion_policy.training.ema import EMA
 from diffusion_policy.training.logger import RunLogger
+from diffusion_policy.training.optim import build_optimizer
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest.ckpt"
+
+# <key>: (smallest allowed integer, whether null is allowed). Relations between them (the horizon
+# fits n_obs_steps and n_action_steps...) are checked by the dataset and the policy.
+_RUN_INT_KEYS = {
+    "seed": (0, False),
+    "horizon": (1, False),
+    "n_obs_steps": (1, False),
+    "n_action_steps": (1, False),
+}
+_TRAINER_INT_KEYS = {
+    "num_epochs": (1, False),
+    "batch_size": (1, False),
+    "num_workers": (0, False),
+    "log_every": (1, False),
+    "val_every": (0, True),
+    "rollout_every": (0, True),
+    "checkpoint_every": (0, True),
+    "topk": (0, False),
+    "max_train_steps_per_epoch": (1, True),
+    "max_val_steps": (1, True),
+    "max_nonfinite_steps": (1, False),
+}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Too many training steps in a row had a NaN or infinite loss or gradient."""
+
+
+def check_config(cfg: Mapping[str, Any]) -> None:
+    """Checks the run's integer settings and ``trainer.*`` before anything is built.
+
+    Raises:
+        ValueError: Naming the first value of the wrong type or out of range.
+    """
+    _check_ints(cfg, _RUN_INT_KEYS, prefix="")
+    tcfg = cfg.get("trainer") or {}
+    _check_ints(tcfg, _TRAINER_INT_KEYS, prefix="trainer.")
+    clip = tcfg.get("grad_clip_norm")
+    if clip is not None and (
+        isinstance(clip, bool) or not isinstance(clip, int | float) or not (0 < clip < math.inf)
+    ):
+        raise ValueError(f"trainer.grad_clip_norm={clip!r} must be a finite number > 0 or null")
+
+
+def _check_ints(cfg: Mapping[str, Any], keys: dict[str, tuple[int, bool]], prefix: str) -> None:
+    for key, (low, nullable) in keys.items():
+        value = cfg.get(key)
+        if value is None and nullable:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            null = " or null" if nullable else ""
+            raise ValueError(f"{prefix}{key}={value!r} must be an integer >= {low}{null}")
 
 
 def seed_everything(seed: int) -> None:
@@ -65,6 +122,10 @@ class Trainer:
         self.tcfg = cfg.trainer
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        # Fail before hours of training, not at the first checkpoint.
+        check_config(cfg)
+        check_writable(self.ckpt_dir)
+        remove_stale_temp_files(self.ckpt_dir)
         self.device = resolve_device(cfg.device)
         seed_everything(cfg.seed)
 
@@ -78,12 +139,20 @@ class Trainer:
         self.policy.normalizer.fit(self.dataset.get_normalizer_data())
         self.policy.to(self.device)
         self.ema = EMA(self.policy, **cfg.ema.params) if cfg.ema.enabled else None
+        # A checkpoint holds about 4 copies of the weights (model, EMA, Adam's two moments).
+        ckpt_bytes = 4 * sum(p.numel() * p.element_size() for p in self.policy.parameters())
+        warn_if_low_disk(self.ckpt_dir, (self.tcfg.topk + 2) * ckpt_bytes)
 
-        self.optimizer = instantiate(cfg.optimizer)(params=self.policy.parameters())
+        self.optimizer = build_optimizer(cfg.optimizer, self.policy)
         # Reseeded every epoch, so a resumed run sees the same batches as an uninterrupted one.
         self.shuffle_generator = torch.Generator()
         self.train_loader = self._loader(self.dataset, shuffle=True)
         steps_per_epoch = len(self.train_loader)
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"trainer.batch_size={self.tcfg.batch_size} is larger than the "
+                f"{len(self.dataset)} training windows: not one full batch per epoch"
+            )
         if self.tcfg.max_train_steps_per_epoch:
             steps_per_epoch = min(steps_per_epoch, self.tcfg.max_train_steps_per_epoch)
         self.lr_scheduler = instantiate(cfg.lr_scheduler)(
@@ -99,11 +168,14 @@ class Trainer:
 
         self.epoch = 0
         self.global_step = 0
+        self._nonfinite_in_a_row = 0  # consecutive skipped steps, across epochs
+        self._skipped_steps = 0  # in the current epoch
         resumed = cfg.resume and self._try_resume()
         self.logger = RunLogger(
             self.run_dir,
             config=OmegaConf.to_container(cfg, resolve=True),
             resume=resumed,
+            resume_step=self.global_step if resumed else None,
             **cfg.logger,
         )
         n_params = sum(p.numel() for p in self.policy.parameters())
@@ -141,10 +213,13 @@ class Trainer:
         last_epoch = self.tcfg.num_epochs - 1
         for epoch in range(self.epoch, self.tcfg.num_epochs):
             metrics = {"epoch": epoch, "train/loss_epoch": self._train_epoch(epoch)}
+            metrics["train/skipped_steps"] = self._skipped_steps
 
             if self._due(self.tcfg.val_every, epoch, last_epoch):
                 metrics["val/loss"] = self._validate()
-            if self.env_runner is not None and self._due(self.tcfg.rollout_every, epoch, last_epoch):
+            if self.env_runner is not None and self._due(
+                self.tcfg.rollout_every, epoch, last_epoch
+            ):
                 metrics.update(self._rollout())
 
             self.epoch = epoch + 1
@@ -171,18 +246,23 @@ class Trainer:
             mininterval=1.0,
         )
         losses = []
+        self._skipped_steps = 0
         for batch in bar:
             loss = self.policy.compute_loss(batch)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(
-                    f"non-finite training loss {loss_value} at step {self.global_step}; "
-                    f"the last good checkpoint is {self.ckpt_dir / LATEST}"
-                )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if self.tcfg.grad_clip_norm:
-                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.tcfg.grad_clip_norm)
+            # The total gradient norm (clipped to grad_clip_norm when set) is NaN/inf if any
+            # gradient is; read it with the loss in one device sync.
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                self.policy.parameters(), self.tcfg.grad_clip_norm or math.inf
+            )
+            loss_value, grad_norm_value = torch.stack(
+                [loss.detach().float(), grad_norm.float().to(loss.device)]
+            ).tolist()
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm_value)):
+                self._skip_nonfinite_step(loss_value, grad_norm_value)
+                continue
+            self._nonfinite_in_a_row = 0
             self.optimizer.step()
             self.lr_scheduler.step()
             if self.ema is not None:
@@ -195,6 +275,43 @@ class Trainer:
                 self.logger.log({"train/loss": loss_value, "lr": lr}, step=self.global_step)
             bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
         return float(np.mean(losses)) if losses else float("nan")
+
+    def _skip_nonfinite_step(self, loss: float, grad_norm: float) -> None:
+        """Drops a step with a NaN/inf loss or gradient; stops after too many in a row.
+
+        A skipped step changes nothing: no optimizer, learning-rate or EMA update, and
+        ``global_step`` stays. So every saved checkpoint holds finite weights.
+
+        Raises:
+            NonFiniteLossError: ``trainer.max_nonfinite_steps`` steps in a row were skipped.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        self._nonfinite_in_a_row += 1
+        self._skipped_steps += 1
+        limit = self.tcfg.max_nonfinite_steps
+        if self._nonfinite_in_a_row >= limit:
+            latest = self.ckpt_dir / LATEST
+            saved = (
+                f"The last good checkpoint {latest} is intact: fix the cause, then continue "
+                f"with resume=true hydra.run.dir={self.run_dir}"
+                if latest.exists()
+                else "No checkpoint was saved yet"
+            )
+            raise NonFiniteLossError(
+                f"{limit} training steps in a row had a non-finite loss or gradient (last: "
+                f"loss={loss}, gradient norm={grad_norm}) after step {self.global_step}; "
+                f"training stopped (trainer.max_nonfinite_steps={limit}). Try a lower "
+                f"optimizer.lr or trainer.grad_clip_norm, and check the data. {saved}."
+            )
+        log.warning(
+            "skipped a training step after step %d: loss=%s, gradient norm=%s "
+            "(%d in a row; training stops at %d)",
+            self.global_step,
+            loss,
+            grad_norm,
+            self._nonfinite_in_a_row,
+            limit,
+        )
 
     @property
     def eval_policy(self) -> torch.nn.Module:
@@ -234,9 +351,22 @@ class Trainer:
 
     def _save_checkpoints(self, metrics: dict[str, float]) -> None:
         state = self._state(metrics)
-        save_checkpoint(self.ckpt_dir / LATEST, state)
-        if "test/mean_score" in metrics:
-            self.topk.save(self.epoch - 1, metrics["test/mean_score"], state)
+        latest = self.ckpt_dir / LATEST
+        try:
+            save_checkpoint(latest, state)
+            if "test/mean_score" in metrics:
+                self.topk.save(self.epoch - 1, metrics["test/mean_score"], state)
+        except CheckpointWriteError as e:
+            resume = (
+                f"continue from {latest} with resume=true hydra.run.dir={self.run_dir}"
+                if latest.exists()
+                else "no checkpoint of this run was saved"
+            )
+            raise CheckpointWriteError(
+                f"{e}. Training stopped at epoch {self.epoch}, step {self.global_step}; "
+                f"after fixing this, {resume}"
+            ) from e
+        self.logger.sync()  # The logs are on disk at least up to this checkpoint.
 
     def _try_resume(self) -> bool:
         path = self.ckpt_dir / LATEST

@@ -111,3 +111,29 @@ def test_bad_chunk_sizes_are_rejected():
 def test_encoder_rejects_unknown_key():
     with pytest.raises(KeyError, match="'image'"):
         LowDimEncoder(SHAPE_META, keys=["image"])
+
+
+def test_denoiser_gets_one_condition_token_per_observation_frame():
+    # The factory gets the per-frame feature size and the frame count; the denoiser gets
+    # cond (B, To, F): the UNet flattens it, the transformer makes one token per frame.
+    built, seen = {}, {}
+
+    def factory(**kwargs):
+        built.update(kwargs)
+        net = ConditionalUnet1D(**kwargs, down_dims=[16, 32], step_embed_dim=16)
+        net.register_forward_pre_hook(lambda _, args: seen.update(cond=args[2].shape))
+        return net
+
+    policy = DiffusionPolicy(
+        shape_meta=SHAPE_META,
+        encoder=LowDimEncoder(SHAPE_META),
+        denoiser=factory,
+        noise_scheduler=DDPMScheduler(num_train_timesteps=10),
+        n_obs_steps=3,
+        n_action_steps=4,
+    )
+    assert built == {"action_dim": 2, "cond_dim": 20, "n_obs_steps": 3, "horizon": 16}
+    batch = make_batch(B=2, To=3)
+    fit_normalizer(policy, batch)
+    policy.compute_loss(batch)
+    assert seen["cond"] == (2, 3, 20)

@@ -11,7 +11,7 @@ def test_decay_follows_warmup_schedule():
         decays.append(ema.decay())
         ema.step += 1
     assert decays[:2] == [0.0, 0.0]
-    assert abs(decays[2] - (1 - 2 ** -0.75)) < 1e-12
+    assert abs(decays[2] - (1 - 2**-0.75)) < 1e-12
     assert all(a < b for a, b in zip(decays[2:], decays[3:], strict=False))
     ema.step = 10**9
     assert ema.decay() == 0.9999

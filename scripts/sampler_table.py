@@ -1,0 +1,140 @@
+"""Score and latency of one checkpoint under several samplers (scheduler x denoising steps).
+
+    python scripts/sampler_table.py outputs/.../checkpoints/latest.ckpt
+    python scripts/sampler_table.py CKPT --settings ddpm:100 ddim:8 --n-test 10 --out table.json
+
+Each setting replaces the trained scheduler for sampling only (as ``scripts/eval.py
+noise_scheduler=NAME num_inference_steps=N`` does; the weights are loaded once), is scored on
+the runner's test seeds (no train seeds, no videos) and timed: the latency per action chunk is
+the median wall time of ``predict_action`` on one observation (batch 1) over ``--calls`` calls.
+Prints a markdown table and writes the rows as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from eval import sampling_scheduler  # noqa: E402
+
+from diffusion_policy.policies.diffusion_policy import DiffusionPolicy  # noqa: E402
+from diffusion_policy.training.builders import load_policy  # noqa: E402
+
+DEFAULT_SETTINGS = ["ddpm:100", "ddim:16", "ddim:8", "ddim:4", "dpmsolver:8", "dpmsolver:4"]
+SCHEDULER_NAMES = {
+    "ddpm": "DDPM",
+    "ddim": "DDIM",
+    "dpmsolver": "DPM-Solver++",
+    "unipc": "UniPC",
+}
+
+
+class ObsRecorder:
+    """Passes calls to the policy and keeps the first observation, cut to batch 1."""
+
+    def __init__(self, policy: DiffusionPolicy) -> None:
+        self.policy = policy
+        self.device = next(policy.parameters()).device
+        self.obs: dict[str, torch.Tensor] | None = None
+
+    def predict_action(self, obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.obs is None:
+            self.obs = {k: v[:1].clone() for k, v in obs.items()}
+        return self.policy.predict_action(obs)
+
+
+def chunk_latency(policy: DiffusionPolicy, obs: dict[str, torch.Tensor], calls: int) -> float:
+    """Median seconds of one ``predict_action`` at batch 1, after two warm-up calls."""
+    times = []
+    for i in range(calls + 2):
+        start = time.perf_counter()
+        policy.predict_action(obs)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def parse_setting(setting: str) -> tuple[str, int]:
+    name, _, steps = setting.partition(":")
+    path = REPO / "configs" / "noise_scheduler" / f"{name}.yaml"
+    if not path.is_file() or not steps.isdigit():
+        raise SystemExit(
+            f"setting {setting!r}: expected NAME:STEPS with NAME a config of {path.parent}"
+        )
+    return name, int(steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, help="NAME:STEPS")
+    parser.add_argument("--n-test", type=int, default=50, help="test seeds (from 100000)")
+    parser.add_argument("--calls", type=int, default=20, help="timed calls per setting")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the sampling noise")
+    parser.add_argument("--out", type=Path, default=None, help="JSON (default: next to ckpt)")
+    args = parser.parse_args()
+    settings = [parse_setting(s) for s in args.settings]
+
+    policy, train_cfg = load_policy(args.checkpoint, args.device)
+    runner_cfg = OmegaConf.merge(
+        train_cfg.env_runner, {"n_test": args.n_test, "n_train": 0, "n_videos": 0}
+    )
+    runner = instantiate(runner_cfg, output_dir=None)
+
+    rows: list[dict[str, Any]] = []
+    for name, steps in settings:
+        requested = OmegaConf.load(REPO / "configs" / "noise_scheduler" / f"{name}.yaml")
+        policy.set_sampler(sampling_scheduler(train_cfg.noise_scheduler, requested), steps)
+        recorder = ObsRecorder(policy)
+        torch.manual_seed(args.seed)
+        result = runner.run(recorder)
+        latency = chunk_latency(policy, recorder.obs, args.calls)
+        rows.append(
+            {
+                "scheduler": name,
+                "class": type(policy.noise_scheduler).__name__,
+                "num_inference_steps": steps,
+                "test_mean_score": result["test/mean_score"],
+                "test_success_rate": result["test/success_rate"],
+                "n_test": args.n_test,
+                "latency_ms": 1000 * latency,
+            }
+        )
+        print(f"{name} {steps}: {rows[-1]}", file=sys.stderr)
+
+    report = {
+        "checkpoint": str(args.checkpoint),
+        "device": args.device,
+        "torch_threads": torch.get_num_threads(),
+        "rows": rows,
+    }
+    out = args.out or args.checkpoint.with_suffix(".sampler_table.json")
+    out.write_text(json.dumps(report, indent=2))
+
+    print("| Sampler | Steps | Mean score | Success rate | Latency / chunk (ms) |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        label = SCHEDULER_NAMES.get(r["scheduler"], r["scheduler"])
+        print(
+            f"| {label} | {r['num_inference_steps']} | {r['test_mean_score']:.3f} | "
+            f"{r['test_success_rate']:.2f} | {r['latency_ms']:.1f} |"
+        )
+    print(f"\nrows: {out}")
+
+
+if __name__ == "__main__":
+    main()
