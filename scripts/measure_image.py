@@ -37,6 +37,10 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
+def _pass_through(batch: dict) -> dict:
+    return batch  # __getitems__ already made the batch
+
+
 def measure_loader(dataset, batch_size: int, workers: int, n_batches: int) -> float:
     """Samples/s of a shuffled DataLoader with ``workers`` processes."""
     loader = DataLoader(
@@ -45,8 +49,9 @@ def measure_loader(dataset, batch_size: int, workers: int, n_batches: int) -> fl
         sampler=RandomSampler(dataset, generator=torch.Generator().manual_seed(0)),
         drop_last=True,
         num_workers=workers,
-        collate_fn=lambda b: b,
+        collate_fn=_pass_through,
     )
+    n_batches = min(n_batches, len(loader) - 1)  # one epoch at most
     it = iter(loader)
     next(it)  # worker start-up is not throughput
     tic = time.perf_counter()
@@ -93,7 +98,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="loader workers")
-    parser.add_argument("--loader-batches", type=int, default=200)
+    parser.add_argument("--loader-batches", type=int, default=150, help="timed batches")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.batch_size=32")
     args = parser.parse_args()
 

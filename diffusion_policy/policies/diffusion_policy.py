@@ -140,21 +140,38 @@ class DiffusionPolicy(nn.Module):
         """Encodes raw observations {key: (B, >=To, ...)} into the condition (B, To, F)."""
         return self.encoder(self._normalize_obs(obs))
 
-    def compute_loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
+    def forward(self, batch: Mapping[str, Any], **kwargs: Any) -> torch.Tensor:
+        """The training loss: :meth:`compute_loss` with its keyword arguments.
+
+        Training calls the module rather than ``compute_loss`` so that a
+        ``DistributedDataParallel`` wrapper's hooks run and average the gradients across ranks.
+        """
+        return self.compute_loss(batch, **kwargs)
+
+    def compute_loss(
+        self,
+        batch: Mapping[str, Any],
+        noise: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Denoising loss of a training batch.
 
         Args:
             batch: ``{"obs": {key: (B, To, ...)}, "action": (B, T, Da)}`` in raw units.
+            noise: The Gaussian noise added to the normalized actions (B, T, Da); drawn if None.
+            timesteps: The diffusion step of each sample (B,); drawn uniformly if None.
 
         Returns:
             The scalar mean-squared error of the denoiser's prediction.
         """
         cond = self.encode_obs(batch["obs"])  # (B, To, F)
         actions = self.normalizer.normalize_key(ACTION, batch[ACTION].float())  # (B, T, Da)
-        noise = torch.randn_like(actions)
-        timesteps = torch.randint(
-            0, self.num_train_timesteps, (actions.shape[0],), device=actions.device
-        )
+        if noise is None:
+            noise = torch.randn_like(actions)
+        if timesteps is None:
+            timesteps = torch.randint(
+                0, self.num_train_timesteps, (actions.shape[0],), device=actions.device
+            )
         # The forward process x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps, from the scheduler's
         # cumulative alphas rather than its `add_noise`: the multistep solvers' `add_noise`
         # (DPM-Solver, UniPC) looks sigmas up by their inference timesteps, which does not noise

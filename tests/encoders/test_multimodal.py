@@ -85,6 +85,9 @@ def test_pixels_map_to_minus_one_one():
     x = enc._prepare("image", img)  # (N, C, h, w)
     assert x.shape == (2, 3, 4, 4)
     assert x[0].eq(-1).all() and x[1].eq(1).all()
+    as_float = img.float()
+    enc._prepare("image", as_float)
+    torch.testing.assert_close(as_float, img.float())  # the caller's frames are not modified
 
 
 def test_errors_name_the_offending_values():
