@@ -77,7 +77,9 @@ def test_real_images_are_uint8_and_small(real_dataset, pusht_zarr_path):
     assert image.nbytes == N_STEPS * 96 * 96 * 3  # 0.708 GB (float32: 2.83 GB)
     total = sum(a.nbytes for a in ds.arrays.values())
     assert total < 0.72e9
-    assert rss_added < 0.8e9, f"loading added {rss_added / 1e9:.2f} GB of RSS"  # no hidden copy
+    # No hidden full copy (a float32 one would add 2.8 GB); the rest is allocator slack from the
+    # chunk-wise conversion, which varies from run to run (0.7-0.85 GB seen).
+    assert rss_added < 1.0e9, f"loading added {rss_added / 1e9:.2f} GB of RSS"
     # Lossless: the first chunk equals the store's float32 values.
     stored = zarr.open_group(str(pusht_zarr_path), mode="r")["data/img"][:161]
     np.testing.assert_array_equal(image[:161], stored)
