@@ -30,6 +30,7 @@ from diffusion_policy.training.checkpoint import (
     save_checkpoint,
     warn_if_low_disk,
 )
+from diffusion_policy.training.config_checks import check_config
 from diffusion_policy.training.distributed import (
     barrier,
     gather_objects,
@@ -45,57 +46,9 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest.ckpt"
 
-# <key>: (smallest allowed integer, whether null is allowed). Relations between them (the horizon
-# fits n_obs_steps and n_action_steps...) are checked by the dataset and the policy.
-_RUN_INT_KEYS = {
-    "seed": (0, False),
-    "horizon": (1, False),
-    "n_obs_steps": (1, False),
-    "n_action_steps": (1, False),
-}
-_TRAINER_INT_KEYS = {
-    "num_epochs": (1, False),
-    "batch_size": (1, False),
-    "num_workers": (0, False),
-    "log_every": (1, False),
-    "val_every": (0, True),
-    "rollout_every": (0, True),
-    "checkpoint_every": (0, True),
-    "topk": (0, False),
-    "max_train_steps_per_epoch": (1, True),
-    "max_val_steps": (1, True),
-    "max_nonfinite_steps": (1, False),
-}
-
 
 class NonFiniteLossError(FloatingPointError):
     """Too many training steps in a row had a NaN or infinite loss or gradient."""
-
-
-def check_config(cfg: Mapping[str, Any]) -> None:
-    """Checks the run's integer settings and ``trainer.*`` before anything is built.
-
-    Raises:
-        ValueError: Naming the first value of the wrong type or out of range.
-    """
-    _check_ints(cfg, _RUN_INT_KEYS, prefix="")
-    tcfg = cfg.get("trainer") or {}
-    _check_ints(tcfg, _TRAINER_INT_KEYS, prefix="trainer.")
-    clip = tcfg.get("grad_clip_norm")
-    if clip is not None and (
-        isinstance(clip, bool) or not isinstance(clip, int | float) or not (0 < clip < math.inf)
-    ):
-        raise ValueError(f"trainer.grad_clip_norm={clip!r} must be a finite number > 0 or null")
-
-
-def _check_ints(cfg: Mapping[str, Any], keys: dict[str, tuple[int, bool]], prefix: str) -> None:
-    for key, (low, nullable) in keys.items():
-        value = cfg.get(key)
-        if value is None and nullable:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            null = " or null" if nullable else ""
-            raise ValueError(f"{prefix}{key}={value!r} must be an integer >= {low}{null}")
 
 
 def seed_everything(seed: int) -> None:

@@ -133,7 +133,7 @@ def test_too_many_nonfinite_steps_stop_and_keep_the_checkpoint(pusht_zarr_path, 
 
 
 def test_config_values_are_checked():
-    from diffusion_policy.training.trainer import check_config
+    from diffusion_policy.training.config_checks import check_config
 
     trainer = {"num_epochs": 1, "batch_size": 2, "num_workers": 0, "log_every": 1, "topk": 0}
     trainer |= {"max_nonfinite_steps": 3, "grad_clip_norm": None}
