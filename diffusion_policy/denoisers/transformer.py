@@ -62,20 +62,23 @@ class DiffusionTransformer(nn.Module):
         self.pos_emb = nn.Parameter(torch.zeros(1, horizon, n_emb))
         self.drop = nn.Dropout(p_drop_emb)
 
+        # Pre-norm GELU layers, shared by the condition encoder and the decoder.
+        layer_kwargs = {
+            "d_model": n_emb,
+            "nhead": n_head,
+            "dim_feedforward": 4 * n_emb,
+            "dropout": p_drop_attn,
+            "activation": "gelu",
+            "batch_first": True,
+            "norm_first": True,
+        }
+
         # Condition tokens (the decoder's memory).
         self.step_emb = SinusoidalStepEmbedding(n_emb)
         self.cond_obs_emb = nn.Linear(cond_dim, n_emb)
         self.cond_pos_emb = nn.Parameter(torch.zeros(1, n_cond_tokens, n_emb))
         if n_cond_layers > 0:
-            layer = nn.TransformerEncoderLayer(
-                d_model=n_emb,
-                nhead=n_head,
-                dim_feedforward=4 * n_emb,
-                dropout=p_drop_attn,
-                activation="gelu",
-                batch_first=True,
-                norm_first=True,
-            )
+            layer = nn.TransformerEncoderLayer(**layer_kwargs)
             self.cond_encoder: nn.Module = nn.TransformerEncoder(
                 layer, num_layers=n_cond_layers, enable_nested_tensor=False
             )
@@ -84,15 +87,7 @@ class DiffusionTransformer(nn.Module):
                 nn.Linear(n_emb, 4 * n_emb), nn.Mish(), nn.Linear(4 * n_emb, n_emb)
             )
 
-        layer = nn.TransformerDecoderLayer(
-            d_model=n_emb,
-            nhead=n_head,
-            dim_feedforward=4 * n_emb,
-            dropout=p_drop_attn,
-            activation="gelu",
-            batch_first=True,
-            norm_first=True,
-        )
+        layer = nn.TransformerDecoderLayer(**layer_kwargs)
         self.decoder = nn.TransformerDecoder(layer, num_layers=n_layer)
 
         # Boolean masks, True = may NOT attend (torch's convention). Not saved in checkpoints:
