@@ -43,6 +43,11 @@ def check_config(cfg: Mapping[str, Any]) -> None:
         isinstance(clip, bool) or not isinstance(clip, int | float) or not (0 < clip < math.inf)
     ):
         raise ValueError(f"trainer.grad_clip_norm={clip!r} must be a finite number > 0 or null")
+    minutes = tcfg.get("max_minutes")
+    if minutes is not None and (
+        isinstance(minutes, bool) or not isinstance(minutes, int | float) or not minutes > 0
+    ):
+        raise ValueError(f"trainer.max_minutes={minutes!r} must be a number > 0 or null")
 
 
 def _check_ints(cfg: Mapping[str, Any], keys: dict[str, tuple[int, bool]], prefix: str) -> None:

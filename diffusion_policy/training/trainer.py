@@ -41,6 +41,7 @@ from diffusion_policy.training.distributed import (
 from diffusion_policy.training.ema import EMA
 from diffusion_policy.training.logger import RunLogger
 from diffusion_policy.training.optim import build_optimizer
+from diffusion_policy.training.time_budget import TimeBudget, budget_lr_schedule
 
 log = logging.getLogger(__name__)
 
@@ -170,10 +171,21 @@ class Trainer:
             )
         if self.tcfg.max_train_steps_per_epoch:
             steps_per_epoch = min(steps_per_epoch, self.tcfg.max_train_steps_per_epoch)
-        self.lr_scheduler = instantiate(cfg.lr_scheduler)(
-            optimizer=self.optimizer,
-            num_training_steps=steps_per_epoch * self.tcfg.num_epochs,
-        )
+        # With trainer.max_minutes the run ends on time and the learning rate follows the
+        # schedule over the fraction of the budget spent; otherwise over num_epochs.
+        self.clock = TimeBudget(self.tcfg.get("max_minutes"))
+        if self.clock.limited:
+            self.lr_scheduler = budget_lr_schedule(
+                self.optimizer,
+                self.clock,
+                name=cfg.lr_scheduler.name,
+                num_warmup_steps=cfg.lr_scheduler.num_warmup_steps,
+            )
+        else:
+            self.lr_scheduler = instantiate(cfg.lr_scheduler)(
+                optimizer=self.optimizer,
+                num_training_steps=steps_per_epoch * self.tcfg.num_epochs,
+            )
         self.env_runner = (
             instantiate(cfg.env_runner, output_dir=str(self.run_dir / "media"))
             if self.tcfg.rollout_every and self.dist.is_main
@@ -186,6 +198,7 @@ class Trainer:
         self.best_score: float | None = None  # the run's best test/mean_score so far
         self._nonfinite_in_a_row = 0  # consecutive skipped steps, across epochs
         self._skipped_steps = 0  # in the current epoch
+        self.out_of_time = False  # the time budget ran out (the same on every rank)
         resumed = cfg.resume and self._try_resume()
         if cfg.resume and self.dist.enabled:
             steps = gather_objects(self.global_step, self.dist)
@@ -243,31 +256,36 @@ class Trainer:
         Only rank 0 has evaluation metrics; :attr:`best_score` holds the run's best test score.
         """
         metrics: dict[str, float] = {}
-        last_epoch = self.tcfg.num_epochs - 1
+        self.clock.start()
         for epoch in range(self.epoch, self.tcfg.num_epochs):
             metrics = {"epoch": epoch, "train/loss_epoch": self._train_epoch(epoch)}
             metrics["train/skipped_steps"] = self._skipped_steps
+            # The last epoch: by count, or cut short when the time budget ran out.
+            last = epoch == self.tcfg.num_epochs - 1 or self.out_of_time
 
             # Rank 0 alone evaluates; the other ranks wait for it in their next all-reduce.
-            if self.dist.is_main and self._due(self.tcfg.val_every, epoch, last_epoch):
+            if self.dist.is_main and self._due(self.tcfg.val_every, epoch, last):
                 metrics["val/loss"] = self._validate()
-            if self.env_runner is not None and self._due(
-                self.tcfg.rollout_every, epoch, last_epoch
-            ):
-                metrics.update(self._rollout())
+            metrics["train/minutes"] = self.clock.spent / 60  # training time, rollouts excluded
+            if self.env_runner is not None and self._due(self.tcfg.rollout_every, epoch, last):
+                with self.clock.paused():
+                    metrics.update(self._rollout())
 
             self.epoch = epoch + 1
             if self.logger is not None:
                 self.logger.log(metrics, step=self.global_step)
-            if self._due(self.tcfg.checkpoint_every, epoch, last_epoch):
+            if self._due(self.tcfg.checkpoint_every, epoch, last):
                 self._save_checkpoints(metrics)
+            if last:
+                break
+        self.clock.stop()
         if self.logger is not None:
             self.logger.finish()
         return metrics
 
     @staticmethod
-    def _due(every: int | None, epoch: int, last_epoch: int) -> bool:
-        return bool(every) and ((epoch + 1) % every == 0 or epoch == last_epoch)
+    def _due(every: int | None, epoch: int, last: bool) -> bool:
+        return bool(every) and ((epoch + 1) % every == 0 or last)
 
     def _train_epoch(self, epoch: int) -> float:
         """Trains one epoch; returns its mean loss (over ranks and steps)."""
@@ -296,9 +314,13 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 self.policy.parameters(), self.tcfg.grad_clip_norm or math.inf
             )
-            loss_value, grad_norm_value = mean_across_ranks(
-                torch.stack([loss.detach().float(), grad_norm.float().to(loss.device)]), self.dist
+            # The time budget is read here too, so all ranks stop after the same step.
+            out_of_time = torch.tensor(float(self.clock.exhausted), device=loss.device)
+            loss_value, grad_norm_value, out_of_time = mean_across_ranks(
+                torch.stack([loss.detach().float(), grad_norm.float().to(loss.device), out_of_time]),
+                self.dist,
             ).tolist()
+            self.out_of_time = out_of_time > 0
             if not (math.isfinite(loss_value) and math.isfinite(grad_norm_value)):
                 self._skip_nonfinite_step(loss_value, grad_norm_value)
                 continue
@@ -314,6 +336,8 @@ class Trainer:
                 lr = self.lr_scheduler.get_last_lr()[0]
                 self.logger.log({"train/loss": loss_value, "lr": lr}, step=self.global_step)
             bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+            if self.out_of_time:
+                break
         return float(np.mean(losses)) if losses else float("nan")
 
     def _skip_nonfinite_step(self, loss: float, grad_norm: float) -> None:
@@ -389,6 +413,7 @@ class Trainer:
             "epoch": self.epoch,
             "global_step": self.global_step,
             "best_score": self.best_score,
+            "clock": self.clock.state_dict(),
             "metrics": {k: float(v) for k, v in metrics.items()},
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "shape_meta": self.shape_meta,
@@ -437,6 +462,8 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         self.best_score = state.get("best_score")
+        if state.get("clock"):
+            self.clock.load_state_dict(state["clock"])
         # Each rank continues its own random stream: the steps after the resume draw the same
         # noise as in an uninterrupted run.
         rng_states = state.get("rng_states") or []
