@@ -1,0 +1,278 @@
+"""Benchmarks: training step, data loading, sampling latency, rollouts and memory.
+
+    make bench                                  # everything at the paper configs
+    python scripts/bench.py --only step latency # some parts
+    python scripts/bench.py --quick             # tiny models: checks the script in seconds
+
+Prints one table and writes the figures as JSON (``--out``, default ``bench.json``). Times are
+min / median over ``--repeats`` runs after a warm-up run. Figures:
+
+- ``step``: one training step (loss, backward, gradient norm, AdamW, EMA) on a batch already
+  in memory, at the keypoint (batch 256) and image (batch 64) experiment configs, with the
+  FLOPs of forward and backward (``torch.utils.flop_counter``) and the rate achieved against
+  this machine's peak, estimated as the best rate of a large fp32 matrix product.
+- ``loader``: samples/s of the training ``DataLoader`` (shuffled windows, batches built by the
+  datasets' ``__getitems__``), as in training.
+- ``latency``: ``predict_action`` on one observation (batch 1) per sampler setting.
+- ``rollout``: steps/s of one keypoint env, and the wall time of a 50-episode keypoint
+  evaluation (test seeds, DDIM 16 steps; untrained weights, so every episode runs its 300 steps).
+- ``rss``: peak resident memory of a ``train.py +experiment=pusht`` process (3 steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from diffusion_policy.training.builders import build_policy  # noqa: E402
+from diffusion_policy.training.ema import EMA  # noqa: E402
+from diffusion_policy.training.optim import build_optimizer  # noqa: E402
+from diffusion_policy.training.precision import autocast  # noqa: E402
+
+EXPERIMENTS = {"keypoint": "pusht_lowdim", "image": "pusht"}
+PARTS = ("step", "loader", "latency", "rollout", "rss")
+SAMPLERS = (("ddpm", 100), ("ddim", 16), ("dpmsolver", 4))
+QUICK = ["+debug=fast"]  # tiny models and runs
+
+
+def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn``, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summary(times: list[float]) -> dict[str, float]:
+    return {"min": min(times), "median": statistics.median(times)}
+
+
+def compose_cfg(experiment: str, overrides: list[str]) -> Any:
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose(config_name="train", overrides=[f"+experiment={experiment}", *overrides])
+
+
+def peak_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5) -> float:
+    """The best rate of an n x n x n matrix product: this machine's practical peak."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / min(timed(lambda: a @ b, repeats)) / 1e9
+
+
+def bench_step(cfg: Any, dataset: Any, repeats: int) -> dict[str, Any]:
+    """Training-step time and FLOP rate on one fixed batch (data loading excluded)."""
+    torch.manual_seed(0)
+    policy = build_policy(cfg, dataset.shape_meta)
+    policy.normalizer.fit(dataset.get_normalizer_data())
+    policy.train()
+    optimizer = build_optimizer(cfg.optimizer, policy)
+    ema = EMA(policy, **cfg.ema.params)
+    batch = dataset.get_batch(torch.randperm(len(dataset))[: cfg.trainer.batch_size].numpy())
+    device = torch.device("cpu")
+
+    def step() -> None:
+        with autocast(device, cfg.trainer.precision):
+            loss = policy(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), float("inf"))
+        optimizer.step()
+        ema.update(policy)
+
+    times = timed(step, repeats)
+    with FlopCounterMode(display=False) as counter:
+        with autocast(device, cfg.trainer.precision):
+            loss = policy(batch)
+        loss.backward()
+    flops = counter.get_total_flops()
+    return {
+        "params_M": sum(p.numel() for p in policy.parameters()) / 1e6,
+        "batch": cfg.trainer.batch_size,
+        "s": summary(times),
+        "gflop": flops / 1e9,
+        "gflops": flops / 1e9 / min(times),
+    }
+
+
+def bench_loader(dataset: Any, batch_size: int, seconds: float = 5.0) -> float:
+    """Samples/s of the training loader (shuffled, 0 workers) over about ``seconds``."""
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=RandomSampler(dataset, generator=torch.Generator().manual_seed(0)),
+        drop_last=True,
+        collate_fn=lambda batch: batch,  # __getitems__ already made the batch
+    )
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in loader:
+            n += batch_size
+            if time.perf_counter() - start >= seconds:
+                break
+    return n / (time.perf_counter() - start)
+
+
+def bench_latency(cfg: Any, dataset: Any, repeats: int) -> dict[str, Any]:
+    """``predict_action`` seconds at batch 1 per sampler setting."""
+    torch.manual_seed(0)
+    policy = build_policy(cfg, dataset.shape_meta).eval()
+    policy.normalizer.fit(dataset.get_normalizer_data())
+    obs = dataset.get_batch([0])["obs"]
+    trained = OmegaConf.to_container(cfg.noise_scheduler, resolve=True)
+    out = {}
+    for name, steps in SAMPLERS:
+        sampler = OmegaConf.to_container(
+            OmegaConf.load(REPO / "configs" / "noise_scheduler" / f"{name}.yaml")
+        )
+        sampler["num_train_timesteps"] = trained["num_train_timesteps"]
+        steps = min(steps, trained["num_train_timesteps"])
+        policy.set_sampler(instantiate(sampler), steps)
+        out[f"{name}_{steps}"] = summary(timed(lambda: policy.predict_action(obs), repeats))
+    return out
+
+
+def bench_rollout(cfg: Any, dataset: Any, n_episodes: int) -> dict[str, Any]:
+    """One env's steps/s, and the wall time of an ``n_episodes`` keypoint evaluation."""
+    from diffusion_policy.envs.pusht_env import make_pusht_env
+
+    env = make_pusht_env(obs_type="keypoint")
+    env.reset(seed=0)
+    actions = env.action_space.sample()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 3.0:
+        _, _, terminated, truncated, _ = env.step(actions)
+        n += 1
+        if terminated or truncated:
+            env.reset()
+    env_steps = n / (time.perf_counter() - start)
+
+    torch.manual_seed(0)
+    policy = build_policy(cfg, dataset.shape_meta).eval()
+    policy.normalizer.fit(dataset.get_normalizer_data())
+    ddim = OmegaConf.load(REPO / "configs" / "noise_scheduler" / "ddim.yaml")
+    ddim.num_train_timesteps = cfg.noise_scheduler.num_train_timesteps
+    policy.set_sampler(instantiate(ddim), min(16, ddim.num_train_timesteps))
+    runner_cfg = OmegaConf.merge(
+        cfg.env_runner, {"n_test": n_episodes, "n_train": 0, "n_videos": 0}
+    )
+    runner = instantiate(runner_cfg, output_dir=None)
+    start = time.perf_counter()
+    runner.run(policy)
+    return {"env_steps_per_s": env_steps, "episodes": n_episodes, "s": time.perf_counter() - start}
+
+
+def bench_rss(overrides: list[str]) -> float:
+    """Peak RSS (GiB) of a short image training process."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        cmd = [
+            sys.executable,
+            str(REPO / "train.py"),
+            "+experiment=pusht",
+            *overrides,
+            "trainer.num_epochs=1",
+            "trainer.max_train_steps_per_epoch=3",
+            "trainer.max_val_steps=1",
+            "trainer.rollout_every=0",
+            "trainer.checkpoint_every=0",
+            "logger.mode=disabled",
+            f"hydra.run.dir={run_dir}",
+        ]
+        subprocess.run(cmd, check=True, capture_output=True)
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--episodes", type=int, default=50, help="rollout evaluation episodes")
+    parser.add_argument("--quick", action="store_true", help="tiny models (+debug=fast)")
+    parser.add_argument("--out", type=Path, default=Path("bench.json"))
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for both experiments")
+    args = parser.parse_args()
+    overrides = (QUICK if args.quick else []) + args.overrides
+
+    results: dict[str, Any] = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "peak_fp32_gflops": peak_gflops(n=512 if args.quick else 2048),
+        },
+    }
+    rows: list[tuple[str, str]] = []
+    for kind, experiment in EXPERIMENTS.items():
+        cfg = compose_cfg(experiment, overrides)
+        dataset = instantiate(cfg.dataset)
+        res = results[kind] = {}
+        if "step" in args.only:
+            res["step"] = r = bench_step(cfg, dataset, args.repeats)
+            peak = results["machine"]["peak_fp32_gflops"]
+            rows.append(
+                (
+                    f"{kind} train step, batch {r['batch']} ({r['params_M']:.1f}M params)",
+                    f"{r['s']['min']:.3f} / {r['s']['median']:.3f} s; {r['gflop']:.3g} GFLOP, "
+                    f"{r['gflops']:.0f} GFLOP/s ({100 * r['gflops'] / peak:.0f}% of peak)",
+                )
+            )
+        if "loader" in args.only:
+            res["loader_samples_per_s"] = rate = bench_loader(dataset, cfg.trainer.batch_size)
+            rows.append((f"{kind} data loader", f"{rate:,.0f} samples/s"))
+        if "latency" in args.only:
+            res["latency"] = lat = bench_latency(cfg, dataset, args.repeats)
+            for setting, s in lat.items():
+                rows.append(
+                    (
+                        f"{kind} predict_action, {setting.replace('_', ' ')} steps",
+                        f"{1000 * s['min']:.1f} / {1000 * s['median']:.1f} ms",
+                    )
+                )
+        if kind == "keypoint" and "rollout" in args.only:
+            res["rollout"] = r = bench_rollout(cfg, dataset, args.episodes)
+            rows.append(("keypoint env", f"{r['env_steps_per_s']:,.0f} steps/s"))
+            rows.append((f"keypoint rollout, {r['episodes']} episodes, DDIM 16", f"{r['s']:.1f} s"))
+        del dataset
+    if "rss" in args.only:
+        results["image"]["peak_rss_gib"] = rss = bench_rss(overrides)
+        rows.append(("image training peak RSS", f"{rss:.2f} GiB"))
+
+    machine = results["machine"]
+    print(
+        f"\n{machine['cpu']}, torch {machine['torch']}, {machine['threads']} threads, "
+        f"{machine['cpu_capability']}; peak fp32 matmul {machine['peak_fp32_gflops']:.0f} GFLOP/s"
+    )
+    print("| figure | min / median |\n| --- | --- |")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"\nfigures: {args.out}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("WANDB_SILENT", "true")
+    main()
