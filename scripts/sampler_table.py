@@ -16,7 +16,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
+from bench import timed  # noqa: E402
 from eval import sampling_scheduler  # noqa: E402
 
 from diffusion_policy.policies.diffusion_policy import DiffusionPolicy  # noqa: E402
@@ -58,13 +58,7 @@ class ObsRecorder:
 
 def chunk_latency(policy: DiffusionPolicy, obs: dict[str, torch.Tensor], calls: int) -> float:
     """Median seconds of one ``predict_action`` at batch 1, after two warm-up calls."""
-    times = []
-    for i in range(calls + 2):
-        start = time.perf_counter()
-        policy.predict_action(obs)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(lambda: policy.predict_action(obs), calls, warmup=2))
 
 
 def parse_setting(setting: str) -> tuple[str, int]:

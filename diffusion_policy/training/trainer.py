@@ -324,9 +324,15 @@ class Trainer:
                 self.policy.parameters(), self.tcfg.grad_clip_norm or math.inf
             )
             # The time budget is read here too, so all ranks stop after the same step.
-            out_of_time = torch.tensor(float(self.clock.exhausted), device=loss.device)
+            out_of_time = float(self.clock.exhausted)
             loss_value, grad_norm_value, out_of_time = mean_across_ranks(
-                torch.stack([loss.detach().float(), grad_norm.float().to(loss.device), out_of_time]),
+                torch.stack(
+                    [
+                        loss.detach().float(),
+                        grad_norm.float().to(loss.device),
+                        torch.tensor(out_of_time, device=loss.device),
+                    ]
+                ),
                 self.dist,
             ).tolist()
             self.out_of_time = out_of_time > 0

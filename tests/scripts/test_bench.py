@@ -1,0 +1,31 @@
+"""`scripts/bench.py --quick` runs every part and reports positive figures."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_bench_quick_reports_every_figure(pusht_zarr_path, tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PUSHT_ZARR": str(pusht_zarr_path), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "scripts/bench.py", "--quick", "--repeats", "1", "--episodes", "2"]
+    proc = subprocess.run(
+        [*cmd, "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["machine"]["peak_fp32_gflops"] > 0
+    for kind in ("keypoint", "image"):
+        step = figures[kind]["step"]
+        assert 0 < step["s"]["min"] <= step["s"]["median"]
+        assert step["gflop"] > 0 and step["gflops"] > 0
+        assert figures[kind]["loader_samples_per_s"] > 0
+        assert set(figures[kind]["latency"]) == {"ddpm_10", "ddim_10", "dpmsolver_4"}
+    rollout = figures["keypoint"]["rollout"]
+    assert rollout["episodes"] == 2 and rollout["s"] > 0 and rollout["env_steps_per_s"] > 0
+    assert 0 < figures["image"]["peak_rss_gib"] < 24
+    assert "| keypoint train step, batch 32" in proc.stdout
