@@ -20,15 +20,21 @@ import yaml
 METRIC = "test/mean_score"
 
 
+def read_records(run_dir: Path) -> list[dict]:
+    """The records of a run's ``logs.jsonl``, skipping a last line cut short by a crash."""
+    records = []
+    for line in (run_dir / "logs.jsonl").read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 def read_run(run_dir: Path, metric: str = METRIC) -> dict | None:
     """The evaluations ``[(epoch, score)]`` and seed of one run folder, or None if it has none."""
-    log_path = run_dir / "logs.jsonl"
     evals = {}
-    for line in log_path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
+    for record in read_records(run_dir):
         if metric in record:
             evals[int(record.get("epoch", record["step"]))] = float(record[metric])
     if not evals:
