@@ -24,7 +24,12 @@ def test_bench_quick_reports_every_figure(pusht_zarr_path, tmp_path):
         assert 0 < step["s"]["min"] <= step["s"]["median"]
         assert step["gflop"] > 0 and step["gflops"] > 0
         assert figures[kind]["loader_samples_per_s"] > 0
-        assert set(figures[kind]["latency"]) == {"ddpm_10", "ddim_10", "dpmsolver_4", "dpmsolver_4_compiled"}
+        assert set(figures[kind]["latency"]) == {
+            "ddpm_10",
+            "ddim_10",
+            "dpmsolver_4",
+            "dpmsolver_4_compiled",
+        }
     rollout = figures["keypoint"]["rollout"]
     assert rollout["episodes"] == 2 and rollout["s"] > 0 and rollout["env_steps_per_s"] > 0
     assert 0 < figures["image"]["peak_rss_gib"] < 24
