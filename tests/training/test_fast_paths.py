@@ -5,8 +5,11 @@ import copy
 import pytest
 import torch
 
+from diffusion_policy.training.checkpoint import load_checkpoint
 from diffusion_policy.training.precision import autocast, cpu_has_bf16_math
+from diffusion_policy.training.trainer import Trainer
 from tests.policies.test_diffusion_policy import fit_normalizer, make_batch, make_policy
+from tests.training.test_train_e2e import _cfg
 
 CPU = torch.device("cpu")
 
@@ -87,3 +90,22 @@ def test_bf16_detection_reads_cpu_flags():
     assert cpu_has_bf16_math("flags\t: fpu avx2 avx512f avx512_bf16 amx_tile")
     assert cpu_has_bf16_math("flags\t: fpu avx2 amx_bf16")
     assert not cpu_has_bf16_math("flags\t: fpu avx2 fma avx512f avx512_vnni")
+
+
+def test_trainer_compiles_the_denoiser_and_checkpoints_plain_names(pusht_zarr_path, tmp_path):
+    cfg = _cfg(
+        pusht_zarr_path,
+        "trainer.compile=true",
+        "trainer.num_epochs=1",
+        "trainer.max_train_steps_per_epoch=2",
+        "trainer.max_val_steps=1",
+        "trainer.rollout_every=0",
+    )
+    trainer = Trainer(cfg, tmp_path / "run")
+    assert trainer.policy.denoiser._compiled_call_impl is not None
+    assert trainer.ema.model.denoiser._compiled_call_impl is not None
+    metrics = trainer.train()
+    assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.ckpt")
+    assert state["model"].keys() == trainer.policy.state_dict().keys()
+    assert not any("_orig_mod" in k for k in state["model"])
