@@ -93,6 +93,13 @@ def bench_step(cfg: Any, dataset: Any, repeats: int) -> dict[str, Any]:
     ema = EMA(policy, **cfg.ema.params)
     batch = dataset.get_batch(torch.randperm(len(dataset))[: cfg.trainer.batch_size].numpy())
     device = torch.device("cpu")
+    with FlopCounterMode(display=False) as counter:  # counted eagerly
+        with autocast(device, cfg.trainer.precision):
+            loss = policy(batch)
+        loss.backward()
+    flops = counter.get_total_flops()
+    if cfg.trainer.compile:  # as the trainer does (`trainer.compile=true` on the command line)
+        policy.denoiser.compile(dynamic=False)
 
     def step() -> None:
         with autocast(device, cfg.trainer.precision):
@@ -103,12 +110,7 @@ def bench_step(cfg: Any, dataset: Any, repeats: int) -> dict[str, Any]:
         optimizer.step()
         ema.update(policy)
 
-    times = timed(step, repeats)
-    with FlopCounterMode(display=False) as counter:
-        with autocast(device, cfg.trainer.precision):
-            loss = policy(batch)
-        loss.backward()
-    flops = counter.get_total_flops()
+    times = timed(step, repeats, warmup=2 if cfg.trainer.compile else 1)
     return {
         "params_M": sum(p.numel() for p in policy.parameters()) / 1e6,
         "batch": cfg.trainer.batch_size,
