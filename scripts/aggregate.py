@@ -70,17 +70,22 @@ def summarize(runs: list[dict], last_n: int = 10) -> dict:
 
 def plot(runs: list[dict], path: Path) -> None:
     """Score against epoch, one line per seed."""
+    lines = {f"seed {run['seed']}": tuple(zip(*run["evals"], strict=True)) for run in runs}
+    plot_lines(lines, "epoch", METRIC, path)
+
+
+def plot_lines(lines: dict[str, tuple], xlabel: str, ylabel: str, path: Path) -> None:
+    """Writes a PNG of ``{label: (xs, scores)}``, scores on a 0..1 axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for run in runs:
-        epochs, scores = zip(*run["evals"], strict=True)
-        ax.plot(epochs, scores, marker="o", ms=3, label=f"seed {run['seed']}")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(METRIC)
+    for label, (xs, ys) in lines.items():
+        ax.plot(xs, ys, marker="o", ms=3, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend()

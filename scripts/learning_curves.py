@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from aggregate import read_records  # noqa: E402
+from aggregate import plot_lines, read_records  # noqa: E402
 
 SCORE, SUCCESS, MINUTES = "test/mean_score", "test/success_rate", "train/minutes"
 
@@ -52,22 +52,8 @@ def markdown(curves: dict[str, list[dict[str, float]]]) -> str:
 
 
 def plot(curves: dict[str, list[dict[str, float]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, curve in curves.items():
-        ax.plot([p["minutes"] for p in curve], [p["score"] for p in curve], marker="o", label=label)
-    ax.set_xlabel("training minutes (evaluation excluded)")
-    ax.set_ylabel("test mean score (50 seeds)")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    lines = {k: ([p["minutes"] for p in c], [p["score"] for p in c]) for k, c in curves.items()}
+    plot_lines(lines, "training minutes (evaluation excluded)", "test mean score", path)
 
 
 def main(argv: list[str] | None = None) -> int:

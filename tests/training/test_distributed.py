@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from hydra import compose, initialize_config_dir
 
 from diffusion_policy.training.checkpoint import load_checkpoint
 from diffusion_policy.training.distributed import mean_across_ranks, shutdown
 from diffusion_policy.training.logger import read_jsonl
 from diffusion_policy.training.trainer import Trainer
+from tests.helpers import debug_cfg
 
 REPO = Path(__file__).resolve().parents[2]
 WORLD_SIZE = 2
@@ -25,20 +25,13 @@ BATCH = 16  # global
 
 def _cfg(zarr: Path, *overrides: str):
     """A tiny run whose first optimizer step has a non-zero learning rate."""
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose(
-            config_name="train",
-            overrides=[
-                "+experiment=pusht_lowdim",
-                "+debug=fast",
-                f"dataset.zarr_path={zarr}",
-                "logger.mode=disabled",
-                "trainer.rollout_every=0",
-                f"trainer.batch_size={BATCH}",
-                "lr_scheduler.num_warmup_steps=0",
-                *overrides,
-            ],
-        )
+    return debug_cfg(
+        zarr,
+        "trainer.rollout_every=0",
+        f"trainer.batch_size={BATCH}",
+        "lr_scheduler.num_warmup_steps=0",
+        *overrides,
+    )
 
 
 def _free_port() -> int:

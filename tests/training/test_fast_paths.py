@@ -8,8 +8,8 @@ import torch
 from diffusion_policy.training.checkpoint import load_checkpoint
 from diffusion_policy.training.precision import autocast, cpu_has_bf16_math
 from diffusion_policy.training.trainer import Trainer
+from tests.helpers import debug_cfg
 from tests.policies.test_diffusion_policy import fit_normalizer, make_batch, make_policy
-from tests.training.test_train_e2e import _cfg
 
 CPU = torch.device("cpu")
 
@@ -93,7 +93,7 @@ def test_bf16_detection_reads_cpu_flags():
 
 
 def test_trainer_compiles_the_denoiser_and_checkpoints_plain_names(pusht_zarr_path, tmp_path):
-    cfg = _cfg(
+    cfg = debug_cfg(
         pusht_zarr_path,
         "trainer.compile=true",
         "trainer.num_epochs=1",

@@ -10,11 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
 from diffusion_policy.training.checkpoint import load_checkpoint
 from diffusion_policy.training.logger import read_jsonl
 from diffusion_policy.training.trainer import Trainer
+from tests.helpers import debug_cfg
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = [
@@ -26,10 +25,7 @@ FAST = [
 
 
 def _cfg(zarr: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose(
-            config_name="train", overrides=[*FAST, f"dataset.zarr_path={zarr}", *overrides]
-        )
+    return debug_cfg(zarr, "trainer.rollout_every=0", *overrides)
 
 
 def _losses(run: Path) -> list[tuple[int, float]]:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from diffusion_policy.envs.pusht_env import make_pusht_env
 from diffusion_policy.envs.runner import EnvRunner
@@ -29,24 +28,14 @@ from diffusion_policy.training.checkpoint import (
 )
 from diffusion_policy.training.logger import read_jsonl
 from diffusion_policy.training.trainer import NonFiniteLossError, Trainer
+from tests.helpers import debug_cfg
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _cfg(zarr: Path, *overrides: str):
     """A `+debug=fast` run: 3 steps per epoch, a checkpoint per epoch, no rollouts."""
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose(
-            config_name="train",
-            overrides=[
-                "+experiment=pusht_lowdim",
-                "+debug=fast",
-                f"dataset.zarr_path={zarr}",
-                "logger.mode=disabled",
-                "trainer.rollout_every=0",
-                *overrides,
-            ],
-        )
+    return debug_cfg(zarr, "trainer.rollout_every=0", *overrides)
 
 
 @pytest.fixture(scope="module")

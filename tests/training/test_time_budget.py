@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from diffusion_policy.training import time_budget
 from diffusion_policy.training.checkpoint import load_checkpoint
 from diffusion_policy.training.config_checks import check_config
 from diffusion_policy.training.time_budget import TimeBudget, budget_lr_schedule
 from diffusion_policy.training.trainer import Trainer
+from tests.helpers import debug_cfg
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -125,20 +125,13 @@ def test_trainer_stops_on_time_with_the_schedule_finished(pusht_zarr_path, tmp_p
     # A clock that moves 1 s at every reading: the run's length does not depend on the machine.
     ticks = iter(range(10**9))
     monkeypatch.setattr(time_budget.time, "monotonic", lambda: float(next(ticks)))
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose(
-            config_name="train",
-            overrides=[
-                "+experiment=pusht_lowdim",
-                "+debug=fast",
-                f"dataset.zarr_path={pusht_zarr_path}",
-                "logger.mode=disabled",
-                "trainer.max_minutes=1",  # 60 clock readings
-                "trainer.num_epochs=100000",
-                "trainer.rollout_every=0",
-                "trainer.checkpoint_every=1000",
-            ],
-        )
+    cfg = debug_cfg(
+        pusht_zarr_path,
+        "trainer.max_minutes=1",  # 60 clock readings
+        "trainer.num_epochs=100000",
+        "trainer.rollout_every=0",
+        "trainer.checkpoint_every=1000",
+    )
     run = tmp_path / "run"
     metrics = Trainer(cfg, run).train()
     records = [json.loads(line) for line in (run / "logs.jsonl").read_text().splitlines()]

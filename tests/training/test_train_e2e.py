@@ -8,27 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from diffusion_policy.training.builders import load_policy
 from diffusion_policy.training.checkpoint import CheckpointError, load_checkpoint
 from diffusion_policy.training.trainer import Trainer
+from tests.helpers import debug_cfg
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _cfg(zarr: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose(
-            config_name="train",
-            overrides=[
-                "+experiment=pusht_lowdim",
-                "+debug=fast",
-                f"dataset.zarr_path={zarr}",
-                "logger.mode=disabled",
-                *overrides,
-            ],
-        )
+    return debug_cfg(zarr, *overrides)
 
 
 def _read_jsonl(path: Path) -> list[dict]:

@@ -7,11 +7,11 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
 
 from diffusion_policy.envs.runner import PushTRunner
 from diffusion_policy.training.builders import load_policy
 from diffusion_policy.training.trainer import Trainer
+from tests.helpers import debug_cfg
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,16 +29,7 @@ class DtypeProbe:
 
 
 def test_image_debug_run_end_to_end(pusht_zarr_path, tmp_path):
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose(
-            config_name="train",
-            overrides=[
-                "+experiment=pusht",
-                "+debug=fast",
-                f"dataset.zarr_path={pusht_zarr_path}",
-                "logger.mode=offline",
-            ],
-        )
+    cfg = debug_cfg(pusht_zarr_path, "logger.mode=offline", experiment="pusht")
     run = tmp_path / "run"
     trainer = Trainer(cfg, run)
     assert trainer.dataset.arrays["image"].dtype == np.uint8

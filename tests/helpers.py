@@ -1,0 +1,25 @@
+"""Helpers shared by test modules (imported as ``tests.helpers``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+
+
+def debug_cfg(zarr: Path, *overrides: str, experiment: str = "pusht_lowdim") -> DictConfig:
+    """A ``+debug=fast`` run of ``experiment`` on the store ``zarr``, W&B off, then overrides."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(
+            config_name="train",
+            overrides=[
+                f"+experiment={experiment}",
+                "+debug=fast",
+                f"dataset.zarr_path={zarr}",
+                "logger.mode=disabled",
+                *overrides,
+            ],
+        )
