@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from diffusion_policy.training.builders import build_policy
 from diffusion_policy.training.optim import build_optimizer
+from tests.policies.test_diffusion_policy import SHAPE_META, fit_normalizer, make_batch
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO / "configs"
@@ -22,14 +23,6 @@ SCHEDULERS = sorted(p.stem for p in (CONFIG_DIR / "noise_scheduler").glob("*.yam
 TINY = {
     "unet": ["denoiser.down_dims=[16,32]", "denoiser.step_embed_dim=16"],
     "transformer": ["denoiser.n_layer=1", "denoiser.n_head=2", "denoiser.n_emb=16"],
-}
-
-SHAPE_META = {
-    "obs": {
-        "keypoint": {"shape": [18], "type": "low_dim"},
-        "agent_pos": {"shape": [2], "type": "low_dim"},
-    },
-    "action": {"shape": [2]},
 }
 
 
@@ -47,27 +40,10 @@ def compose_cfg(denoiser: str, scheduler: str, *overrides: str):
         )
 
 
-def make_batch(B: int = 8, To: int = 2, T: int = 16) -> dict:
-    g = torch.Generator().manual_seed(1)
-    return {
-        "obs": {
-            "keypoint": torch.rand(B, To, 18, generator=g) * 512,
-            "agent_pos": torch.rand(B, To, 2, generator=g) * 512,
-        },
-        "action": torch.rand(B, T, 2, generator=g) * 512,
-    }
-
-
 def fitted_policy(cfg, batch):
     torch.manual_seed(0)
     policy = build_policy(cfg, SHAPE_META)
-    policy.normalizer.fit(
-        {
-            "keypoint": batch["obs"]["keypoint"].reshape(-1, 18),
-            "agent_pos": batch["obs"]["agent_pos"].reshape(-1, 2),
-            "action": batch["action"].reshape(-1, 2),
-        }
-    )
+    fit_normalizer(policy, batch)
     return policy
 
 
