@@ -24,6 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusion_policy.training.builders import load_policy  # noqa: E402
+from diffusion_policy.training.stored_config import (  # noqa: E402
+    check_targets,
+    instantiate_stored,
+)
 
 # Scheduler settings that define what the denoiser was trained on; a sampling scheduler keeps
 # the checkpoint's values. Everything else (the class, clipping, solver order) is a sampling
@@ -50,14 +54,19 @@ def sampling_scheduler(trained: Mapping[str, Any], requested: Mapping[str, Any])
     """
     cfg = OmegaConf.to_container(OmegaConf.create(dict(requested)), resolve=True)
     trained = OmegaConf.to_container(OmegaConf.create(dict(trained)), resolve=True)
-    cfg.update({k: trained[k] for k in TRAINED_KEYS if k in trained})
+    stored = {k: trained[k] for k in TRAINED_KEYS if k in trained}
+    check_targets(stored, "noise_scheduler")  # values from the checkpoint build nothing else
+    cfg.update(stored)
     return instantiate(cfg)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
     checkpoint = Path(cfg.checkpoint)
-    policy, train_cfg = load_policy(checkpoint, cfg.device, use_ema=cfg.use_ema)
+    trusted = cfg.trusted_targets
+    policy, train_cfg = load_policy(
+        checkpoint, cfg.device, use_ema=cfg.use_ema, trusted_targets=trusted
+    )
     # Replaced rather than merged over the stored config: keys of one scheduler class (DDPM's
     # variance_type) are not arguments of another (DDIM).
     scheduler = policy.noise_scheduler
@@ -72,7 +81,9 @@ def main(cfg: DictConfig) -> None:
     runner_cfg = OmegaConf.merge(
         train_cfg.env_runner, {k: v for k, v in cfg.runner.items() if v is not None}
     )
-    runner = instantiate(runner_cfg, output_dir=str(out_dir / "media"))
+    runner = instantiate_stored(
+        runner_cfg, "env_runner", trusted=trusted, output_dir=str(out_dir / "media")
+    )
 
     torch.manual_seed(cfg.seed)
     result = runner.run(policy)
