@@ -2,26 +2,42 @@
 
 The defaults are the paper's Push-T protocol: 50 test episodes with seeds 100000..100049 and 6
 train episodes with seeds 0..5 (logged separately), at most 300 steps, the policy seeing the last
-2 observations and its 8 actions executed one by one. An episode's score is its maximum reward,
-its success whether ``info["is_success"]`` was ever true.
+2 observations and its 8 actions executed one by one.
 
-Failures of the environments never take the caller (e.g. a training run) down: an exception in
-an env's ``reset``/``step`` ends its episode as failed; a worker process that dies, hangs past
-``step_timeout_s`` or breaks the vector env otherwise fails its episode, and the other
-unfinished episodes of its wave run again in new envs. Failed episodes score 0 and are counted
-in ``"{split}/n_failed"``.
+Scoring is the task's: a :class:`~diffusion_policy.envs.scoring.Scorer` gets each episode's
+per-step rewards and infos when it ends and returns its score, success and extra per-episode
+values; at the end of a run it summarizes each split's episodes into extra metrics, logged as
+``"{split}/{key}"``. Push-T's (the default) scores an episode by its maximum reward (the best
+goal coverage) and counts it a success if ``info["is_success"]`` was ever true.
+
+Failures never take the caller (e.g. a training run) down; a failed episode scores 0, has no
+success and is counted in ``"{split}/n_failed"``, its ``error`` saying why:
+
+- An env raising in ``reset``/``step`` fails its episode. This holds for any exception,
+  ``SystemExit`` and ``GeneratorExit`` included, except ``KeyboardInterrupt``, which goes through
+  (the user's Ctrl-C).
+- A non-finite (NaN/inf) observation from an env, or action from the policy, fails its episode,
+  naming the first bad value; the other episodes go on.
+- With ``vectorization="async"``, a worker process that dies (even by a segfault), hangs past
+  ``step_timeout_s`` or breaks the vector env otherwise fails its episode, and the other
+  unfinished episodes of its wave run again in new envs.
+- A video that cannot be written (e.g. a full disk) is logged as an error and left out; the
+  episode's scores are kept.
+
+With ``vectorization="sync"`` the envs run in the caller's process: an env that segfaults kills
+the process (training included) and one that hangs blocks it. Use ``"async"`` to isolate
+untrusted or crashy envs in worker processes. ``run`` raises only for configuration errors: the
+envs cannot be built the first time, or the policy's output is malformed.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import multiprocessing.connection
 import time
-import traceback
 from collections import deque
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,18 +45,19 @@ from typing import Any, Protocol
 import gymnasium as gym
 import numpy as np
 import torch
-from gymnasium.vector.async_vector_env import AsyncState
 from torch import nn
 from tqdm import tqdm
 
+from diffusion_policy.envs import faults
 from diffusion_policy.envs.pusht_env import OBS_TYPES, make_pusht_env
+from diffusion_policy.envs.scoring import MaxRewardScorer, Scorer
 from diffusion_policy.envs.video import FrameRecorder, write_video
 
 log = logging.getLogger(__name__)
 
 VECTORIZATIONS = ("sync", "async")
-# Runs of an episode at most: one interrupted by another env's failure runs once more.
-MAX_ATTEMPTS = 2
+# Metrics the runner reports for every task; a scorer's summary may not reuse them.
+RUNNER_METRICS = ("mean_score", "success_rate", "n_failed")
 
 
 class Policy(Protocol):
@@ -53,7 +70,7 @@ class Policy(Protocol):
 
 @dataclass
 class EpisodeResult:
-    """The outcome of one rollout episode."""
+    """The outcome of one rollout episode; ``extra`` holds the task scorer's extra values."""
 
     seed: int
     split: str
@@ -62,78 +79,110 @@ class EpisodeResult:
     steps: int = 0
     failed: bool = False
     error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def fail(self, error: str) -> None:
         """Marks the episode failed: score 0, no success."""
-        self.failed, self.error, self.score, self.success = True, error, 0.0, False
+        self.failed, self.error, self.score, self.success, self.extra = True, error, 0.0, False, {}
 
     def restart(self) -> None:
         """Forgets a partial run, before running the episode again."""
-        self.score, self.success, self.steps = 0.0, False, 0
+        self.score, self.success, self.steps, self.extra = 0.0, False, 0, {}
 
 
-class _EnvCrash(Exception):
-    """The vector env broke: a worker died, hung or raised outside ``reset``/``step``.
+@dataclass
+class _Wave:
+    """The episodes one vector env of N sub-envs runs at once: sub-env ``j`` runs episode ``j``.
 
-    Attributes:
-        culprits: ``{sub-env index: what happened to it}`` for the envs at fault (empty when
-            they cannot be told).
-        done: ``(N,)`` bool, the envs whose episodes had ended (set by the wave loop).
+    Sub-envs past the episodes (a last, smaller wave) repeat the last seed and are done from the
+    start. A done sub-env keeps stepping (the vector env autoresets it); its results are ignored.
     """
 
-    def __init__(self, culprits: dict[int, str], cause: BaseException) -> None:
-        super().__init__(f"{type(cause).__name__}: {cause}".rstrip(": "))
-        self.culprits = culprits
-        self.done: np.ndarray | None = None
+    episodes: list[EpisodeResult]  # (n,), n <= N
+    scorer: Scorer
+    done: np.ndarray  # (N,) bool: ended, failed or padding
+    recorded: np.ndarray  # (N,) bool: sub-envs whose video is kept
+    recording: np.ndarray  # (N,) bool: recorded and not yet ended
+    rewards: list[list[float]]  # (n,) lists, one reward per step
+    infos: list[list[dict[str, Any]]]  # (n,) lists, one info per step
+
+    @classmethod
+    def start(
+        cls, episodes: list[EpisodeResult], n_envs: int, record: list[bool], scorer: Scorer
+    ) -> _Wave:
+        recorded = np.zeros(n_envs, dtype=bool)
+        recorded[: len(episodes)] = record
+        return cls(
+            episodes=episodes,
+            scorer=scorer,
+            done=np.arange(n_envs) >= len(episodes),
+            recorded=recorded,
+            recording=recorded.copy(),
+            rewards=[[] for _ in episodes],
+            infos=[[] for _ in episodes],
+        )
+
+    @property
+    def seeds(self) -> list[int]:
+        padding = len(self.done) - len(self.episodes)
+        return [ep.seed for ep in self.episodes] + [self.episodes[-1].seed] * padding
+
+    def fail(self, errors: dict[int, str], step: int) -> np.ndarray:
+        """Fails the running episodes among ``{sub-env: error}``; returns their (N,) mask."""
+        failed = np.zeros_like(self.done)
+        for j, error in errors.items():
+            if not self.done[j]:
+                self.episodes[j].fail(f"{error} (env step {step})")
+                log.error("rollout: episode seed %d failed: %s", self.episodes[j].seed, error)
+                failed[j] = True
+        self.done |= failed
+        return failed
+
+    def take_step(
+        self, obs: Any, reward: np.ndarray, ended: np.ndarray, info: dict[str, Any], step: int
+    ) -> np.ndarray:
+        """Takes in one vector step's results; returns the (N,) mask of episodes it ended.
+
+        An episode ends when its env terminates or truncates it, raises, or returns a
+        non-finite observation (the last two fail it).
+        """
+        running = ~self.done  # (N,)
+        for j in np.flatnonzero(running):
+            self.rewards[j].append(float(reward[j]))
+            self.infos[j].append(_env_info(info, j))
+            self.episodes[j].steps += 1
+        errors = {**faults.nonfinite_rows(obs, "observation"), **faults.env_errors(info)}
+        failed = self.fail(errors, step)
+        ended = running & ended & ~failed  # (N,)
+        for j in np.flatnonzero(ended):
+            self._score(j)
+        self.done |= ended
+        return ended | failed
+
+    def score_unfinished(self) -> None:
+        """Scores the episodes still running when the steps ran out."""
+        for j in np.flatnonzero(~self.done):
+            self._score(j)
+
+    def _score(self, j: int) -> None:
+        result = self.scorer.score(self.rewards[j], self.infos[j])
+        ep = self.episodes[j]
+        ep.score, ep.success, ep.extra = float(result.score), bool(result.success), result.extra
 
 
-class _FailSafe(gym.Wrapper):
-    """Turns an exception in ``reset``/``step`` into an ended episode with ``info["env_error"]``.
+@dataclass
+class _Stats:
+    """Seconds spent and env steps taken in one ``run``, and its progress bar."""
 
-    It runs in the env's own process, so a bug in one env fails that episode only; the vector
-    env and the other episodes go on.
-    """
+    bar: tqdm
+    seconds: dict[str, float] = field(default_factory=lambda: {"policy": 0.0, "env": 0.0})
+    env_steps: int = 0
 
-    def __init__(self, env: gym.Env) -> None:
-        super().__init__(env)
-        self._last_obs: Any = None
-
-    def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
-        try:
-            obs, info = self.env.reset(**kwargs)
-        except Exception as e:
-            return self._placeholder(), {"env_error": _describe(e, "reset")}
-        self._last_obs = obs
-        return obs, info
-
-    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
-        try:
-            obs, reward, terminated, truncated, info = self.env.step(action)
-        except Exception as e:
-            return self._placeholder(), 0.0, True, False, {"env_error": _describe(e, "step")}
-        self._last_obs = obs
-        return obs, reward, terminated, truncated, info
-
-    def _placeholder(self) -> Any:
-        """An observation for the masked, failed env (the vector env needs one)."""
-        return self._last_obs if self._last_obs is not None else self.observation_space.sample()
-
-
-def _describe(e: BaseException, where: str) -> str:
-    frame = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
-    at = f" at {Path(frame.filename).name}:{frame.lineno}" if frame else ""
-    return f"{type(e).__name__} in env.{where}(){at}: {e}"
-
-
-def _stack_frames(frames: list[np.ndarray]) -> np.ndarray:
-    """Per-env frames [(N, ...)] * To -> (N, To, ...): uint8 (images) kept, the rest float32."""
-    stacked = np.stack(frames, axis=1)
-    return stacked if stacked.dtype == np.uint8 else stacked.astype(np.float32)
-
-
-def _make_env(env_fn: Callable[[], gym.Env], record: bool) -> gym.Env:
-    env = env_fn()
-    return _FailSafe(FrameRecorder(env) if record else env)
+    @contextmanager
+    def timed(self, what: str) -> Iterator[None]:
+        tic = time.perf_counter()
+        yield
+        self.seconds[what] += time.perf_counter() - tic
 
 
 class EnvRunner:
@@ -147,8 +196,8 @@ class EnvRunner:
     vector env keeps stepping (and autoresetting) it, its results are ignored.
 
     Args:
-        env_fn: Builds one environment (picklable for ``vectorization="async"``). Its ``info``
-            should carry ``is_success``; for videos its ``render()`` returns RGB frames.
+        env_fn: Builds one environment (picklable for ``vectorization="async"``). For videos its
+            ``render()`` returns RGB frames.
         n_test: Test episodes, seeds ``test_start_seed ..``.
         test_start_seed: Seed of the first test episode.
         n_train: Train episodes, seeds ``train_start_seed ..``, logged as ``train/*``.
@@ -168,6 +217,8 @@ class EnvRunner:
         fps: Video frame rate.
         device: Where observations go; inferred from the policy's parameters if None.
         progress: Show a tqdm bar over env steps.
+        scorer: The task's scoring rule; None is :class:`MaxRewardScorer` (Push-T's: maximum
+            reward, success if ``info["is_success"]`` was ever true).
     """
 
     def __init__(
@@ -188,6 +239,7 @@ class EnvRunner:
         fps: int = 10,
         device: str | torch.device | None = None,
         progress: bool = True,
+        scorer: Scorer | None = None,
     ) -> None:
         if n_test < 0 or n_train < 0 or n_test + n_train == 0:
             raise ValueError(f"n_test={n_test} and n_train={n_train} must be >= 0, not both 0")
@@ -220,6 +272,7 @@ class EnvRunner:
         self.fps = fps
         self.device = torch.device(device) if device is not None else None
         self.progress = progress
+        self.scorer = scorer if scorer is not None else MaxRewardScorer()
         self._n_runs = 0
         self._envs_built = False  # a first build failure is a config error and raises
 
@@ -232,27 +285,20 @@ class EnvRunner:
                 the run and restored afterwards.
 
         Returns:
-            ``"{split}/mean_score"``, ``"{split}/success_rate"`` and ``"{split}/n_failed"`` for
-            each split with episodes, ``"per_episode"`` (dicts of :class:`EpisodeResult`),
-            ``"videos"`` (MP4 paths), and ``"time/*"`` seconds.
+            ``"{split}/mean_score"``, ``"{split}/success_rate"``, ``"{split}/n_failed"`` and the
+            scorer's summary ``"{split}/{key}"`` for each split with episodes,
+            ``"per_episode"`` (dicts of :class:`EpisodeResult`), ``"videos"`` (MP4 paths), and
+            ``"time/*"`` seconds.
 
         Raises:
             Exception: What building the envs raised, if they were never built before (a
                 configuration error). Env failures later on are counted, not raised.
+            KeyError, ValueError: The policy's output has no ``"action"`` or a wrong shape;
+                the scorer's summary reuses a runner metric.
         """
         self._n_runs += 1
-        device = self._policy_device(policy)
-        was_training = policy.training if isinstance(policy, nn.Module) else None
-        if isinstance(policy, nn.Module):
-            policy.eval()
         episodes = [EpisodeResult(seed=seed, split=split) for split, seed in self.seeds]
-        record = [i < self.n_videos for i in range(len(episodes))]  # test episodes come first
-        attempts = [0] * len(episodes)
         n_waves = -(-len(episodes) // self.n_envs)
-        timer = {"policy": 0.0, "env": 0.0, "env_steps": 0}
-        videos: list[str] = []
-        start = time.perf_counter()
-        envs = None
         bar = tqdm(
             total=n_waves * self.max_steps,
             desc="rollout",
@@ -260,38 +306,120 @@ class EnvRunner:
             leave=False,
             disable=not self.progress,
         )
-        pending = list(range(len(episodes)))  # episodes to run, in order
-        try:
-            while pending:
-                idx, pending = pending[: self.n_envs], pending[self.n_envs :]
-                wave = [episodes[i] for i in idx]
-                wave_record = [record[i] for i in idx]
-                if envs is None:
-                    envs = self._build_envs(wave + [episodes[i] for i in pending])
-                    if envs is None:
-                        break
-                for i in idx:
-                    attempts[i] += 1
-                try:
-                    frames = self._run_wave(envs, policy, device, wave, wave_record, bar, timer)
-                except _EnvCrash as crash:
-                    _discard(envs)
-                    envs = None
-                    retry = self._fail_wave(wave, crash, [attempts[i] for i in idx])
-                    pending = [idx[j] for j in retry] + pending
-                    continue
-                recorded = [ep for ep, r in zip(wave, wave_record, strict=True) if r]
-                videos += self._write_videos(recorded, frames)
-        finally:
-            bar.close()
-            if envs is not None:
-                envs.close()
-            if was_training:
-                policy.train()
-        timer["total"] = time.perf_counter() - start
-        return self._summarize(episodes, videos, timer)
+        stats = _Stats(bar)
+        start = time.perf_counter()
+        with bar, _eval_mode(policy):
+            videos = self._run_episodes(episodes, policy, self._policy_device(policy), stats)
+        stats.seconds["total"] = time.perf_counter() - start
+        return self._summarize(episodes, videos, stats)
 
     # -- rollout ----------------------------------------------------------------------------
+    def _run_episodes(
+        self, episodes: list[EpisodeResult], policy: Policy, device: torch.device, stats: _Stats
+    ) -> list[str]:
+        """Runs the episodes in waves; a wave whose envs broke goes on in new envs.
+
+        Returns:
+            The paths of the videos written.
+        """
+        pending = deque(range(len(episodes)))  # episodes to run, in order
+        attempts = [0] * len(episodes)
+        videos: list[str] = []
+        envs = None
+        try:
+            while pending:
+                if envs is None:
+                    envs = self._build_envs([episodes[i] for i in pending])
+                    if envs is None:
+                        break
+                idx = [pending.popleft() for _ in range(min(self.n_envs, len(pending)))]
+                for i in idx:
+                    attempts[i] += 1
+                record = [i < self.n_videos for i in idx]  # test episodes come first
+                wave = _Wave.start([episodes[i] for i in idx], envs.num_envs, record, self.scorer)
+                try:
+                    frames = self._run_wave(envs, policy, device, wave, stats)
+                except faults.EnvCrash as crash:
+                    faults.discard(envs)
+                    envs = None
+                    retry = _recover(wave, crash, [attempts[i] for i in idx])
+                    pending.extendleft(idx[j] for j in reversed(retry))
+                    continue
+                recorded = [ep for ep, r in zip(wave.episodes, record, strict=True) if r]
+                videos += self._write_videos(recorded, frames)
+        finally:
+            if envs is not None:
+                envs.close()
+        return videos
+
+    def _run_wave(
+        self, envs: gym.vector.VectorEnv, policy: Policy, device: torch.device, wave: _Wave,
+        stats: _Stats,
+    ) -> list[list[np.ndarray]]:  # fmt: skip
+        """Runs a wave's episodes to their end.
+
+        Returns:
+            The frames of the recorded episodes, in wave order.
+
+        Raises:
+            faults.EnvCrash: The vector env broke; ``wave.done`` says which episodes had ended.
+        """
+        call = partial(faults.vector_call, envs, timeout=self.step_timeout_s)
+        if wave.recording.any():
+            call("set_attr", "recording", wave.recording.tolist())
+        obs, info = call("reset", seed=wave.seeds)
+        wave.fail({**faults.nonfinite_rows(obs, "observation"), **faults.env_errors(info)}, 0)
+        history = deque([obs] * self.n_obs_steps, maxlen=self.n_obs_steps)
+        step = 0
+        while step < self.max_steps and not wave.done.all():
+            with stats.timed("policy"):
+                chunk = self._predict(policy, history, device, envs)  # (N, Ta, Da)
+            ended = wave.fail(faults.nonfinite_rows(chunk, "policy action"), step)
+            # A failed env still steps (masked): keep its simulator finite.
+            chunk = np.nan_to_num(chunk, nan=0.0, posinf=0.0, neginf=0.0)
+            for action in chunk.swapaxes(0, 1)[: self.n_action_steps]:  # (N, Da) each
+                with stats.timed("env"):
+                    obs, reward, terminated, truncated, info = call("step", action)
+                stats.env_steps += envs.num_envs
+                stats.bar.update(1)
+                step += 1
+                history.append(obs)
+                ended |= wave.take_step(obs, reward, terminated | truncated, info, step)
+                if (ended & wave.recording).any():  # stop before the autoreset adds frames
+                    wave.recording &= ~ended
+                    call("set_attr", "recording", wave.recording.tolist())
+                if step >= self.max_steps or wave.done.all():
+                    break
+        stats.bar.update(self.max_steps - step)
+        if not wave.recorded.any():
+            wave.score_unfinished()
+            return []
+        frames = call("call", "pop_frames")
+        call("set_attr", "recording", [False] * envs.num_envs)
+        wave.score_unfinished()
+        return [f for f, r in zip(frames, wave.recorded, strict=True) if r]
+
+    def _predict(
+        self, policy: Policy, history: deque, device: torch.device, envs: gym.vector.VectorEnv
+    ) -> np.ndarray:
+        frames = [h if isinstance(h, dict) else {"obs": h} for h in history]
+        obs = {
+            key: torch.from_numpy(_stack_frames([f[key] for f in frames])).to(device)
+            for key in frames[-1]
+        }
+        with torch.no_grad():
+            out = policy.predict_action(obs)
+        if "action" not in out:
+            raise KeyError(f"predict_action must return an 'action' entry, got keys {list(out)}")
+        action = out["action"]
+        action_dim = envs.single_action_space.shape[0]
+        if action.ndim != 3 or action.shape[0] != envs.num_envs or action.shape[2] != action_dim:
+            raise ValueError(
+                f"predict_action returned action of shape {tuple(action.shape)}, expected "
+                f"({envs.num_envs}, Ta, {action_dim})"
+            )
+        return action.detach().float().cpu().numpy()
+
     def _make_envs(self) -> gym.vector.VectorEnv:
         fns = [partial(_make_env, self.env_fn, self.n_videos > 0)] * self.n_envs
         if self.vectorization == "async":
@@ -312,199 +440,11 @@ class EnvRunner:
         try:
             return self._make_envs()
         except Exception as e:
-            error = f"the envs could not be rebuilt: {_describe(e, '__init__')}"
+            error = f"the envs could not be rebuilt: {faults.describe(e, '__init__')}"
             log.error("rollout: %s; %d episodes not run count as failed", error, len(remaining))
             for ep in remaining:
                 ep.fail(error)
             return None
-
-    def _fail_wave(
-        self, wave: list[EpisodeResult], crash: _EnvCrash, attempts: list[int]
-    ) -> list[int]:
-        """Fails the episodes of the envs at fault; returns the wave positions to run again.
-
-        The other unfinished episodes run again from their reset, once; an episode interrupted
-        twice, or every unfinished one when the envs at fault cannot be told, fails.
-        """
-        n = len(wave)
-        unfinished = [j for j in range(n) if not crash.done[j]]
-        culprits = [j for j in unfinished if j in crash.culprits]
-        if not crash.culprits:
-            culprits = unfinished
-        retry = []
-        for j in unfinished:
-            if j in culprits:
-                what = crash.culprits.get(j, "failed")
-                wave[j].fail(f"env worker {j} {what} ({crash})")
-            elif attempts[j] >= MAX_ATTEMPTS:
-                wave[j].fail(f"interrupted {attempts[j]} times by other envs' failures: {crash}")
-            else:
-                wave[j].restart()
-                retry.append(j)
-        log.error(
-            "rollout: the envs broke (%s); worker(s) at fault: %s; failed episodes: seeds %s; "
-            "run again in new envs: seeds %s",
-            crash,
-            crash.culprits or "unknown",
-            [wave[j].seed for j in unfinished if wave[j].failed],
-            [wave[j].seed for j in retry],
-        )
-        return retry
-
-    def _reset(self, envs: gym.vector.VectorEnv, seeds: list[int]) -> tuple[Any, dict]:
-        try:
-            if isinstance(envs, gym.vector.AsyncVectorEnv):
-                envs.reset_async(seed=seeds)
-                return envs.reset_wait(timeout=self.step_timeout_s)
-            return envs.reset(seed=seeds)
-        except Exception as e:
-            raise _EnvCrash(_broken_workers(envs, e), e) from e
-
-    def _step(self, envs: gym.vector.VectorEnv, action: np.ndarray) -> tuple:
-        try:
-            if isinstance(envs, gym.vector.AsyncVectorEnv):
-                envs.step_async(action)
-                return envs.step_wait(timeout=self.step_timeout_s)
-            return envs.step(action)
-        except Exception as e:
-            raise _EnvCrash(_broken_workers(envs, e), e) from e
-
-    def _set_recording(self, envs: gym.vector.VectorEnv, recording: np.ndarray) -> None:
-        try:
-            envs.set_attr("recording", recording.tolist())
-        except Exception as e:
-            raise _EnvCrash(_broken_workers(envs, e), e) from e
-
-    def _pop_frames(self, envs: gym.vector.VectorEnv) -> list[list[np.ndarray]]:
-        try:
-            if isinstance(envs, gym.vector.AsyncVectorEnv):
-                envs.call_async("pop_frames")
-                return list(envs.call_wait(timeout=self.step_timeout_s))
-            return list(envs.call("pop_frames"))
-        except Exception as e:
-            raise _EnvCrash(_broken_workers(envs, e), e) from e
-
-    @staticmethod
-    def _fail_errored(info: dict[str, Any], wave: list[EpisodeResult], live: np.ndarray) -> Any:
-        """Fails the live episodes whose env raised in reset/step; returns their (N,) mask."""
-        if "env_error" not in info:
-            return np.zeros_like(live)
-        failed = np.asarray(info["_env_error"], dtype=bool) & live
-        for j in np.flatnonzero(failed):
-            wave[j].fail(str(info["env_error"][j]))
-            log.error("rollout: episode seed %d failed: %s", wave[j].seed, wave[j].error)
-        return failed
-
-    def _run_wave(
-        self,
-        envs: gym.vector.VectorEnv,
-        policy: Policy,
-        device: torch.device,
-        wave: list[EpisodeResult],
-        record: list[bool],
-        bar: tqdm,
-        timer: dict[str, float],
-    ) -> list[list[np.ndarray]]:
-        """Runs one episode per env (padding envs repeat the last seed, masked from the start).
-
-        Returns:
-            The frames of the episodes with ``record`` set, in wave order.
-
-        Raises:
-            _EnvCrash: The vector env broke; its ``done`` says which episodes had ended.
-        """
-        n_envs, n = envs.num_envs, len(wave)
-        seeds = [ep.seed for ep in wave] + [wave[-1].seed] * (n_envs - n)
-        recording = np.zeros(n_envs, dtype=bool)  # (N,)
-        recording[:n] = record
-        done = np.arange(n_envs) >= n  # (N,)
-        try:
-            if recording.any():
-                self._set_recording(envs, recording)
-            obs, info = self._reset(envs, seeds)
-            done |= self._fail_errored(info, wave, ~done)
-            step = self._step_wave(envs, policy, device, wave, obs, done, recording, bar, timer)
-            bar.update(self.max_steps - step)
-            if not any(record):
-                return []
-            frames = self._pop_frames(envs)
-            self._set_recording(envs, np.zeros(n_envs, dtype=bool))
-        except _EnvCrash as crash:
-            crash.done = done
-            raise
-        return [f for f, r in zip(frames, record, strict=False) if r]
-
-    def _step_wave(
-        self,
-        envs: gym.vector.VectorEnv,
-        policy: Policy,
-        device: torch.device,
-        wave: list[EpisodeResult],
-        obs: Any,
-        done: np.ndarray,
-        recording: np.ndarray,
-        bar: tqdm,
-        timer: dict[str, float],
-    ) -> int:
-        """Steps the envs until every episode ended or ``max_steps``; returns the steps taken.
-
-        Updates ``done`` and ``recording`` in place.
-        """
-        n_envs = envs.num_envs
-        history = deque([obs] * self.n_obs_steps, maxlen=self.n_obs_steps)
-        step = 0
-        while step < self.max_steps and not done.all():
-            tic = time.perf_counter()
-            actions = self._predict(policy, history, device, envs)  # (N, Ta, Da)
-            timer["policy"] += time.perf_counter() - tic
-            for action in actions.swapaxes(0, 1)[: self.n_action_steps]:  # (N, Da) each
-                tic = time.perf_counter()
-                obs, reward, terminated, truncated, info = self._step(envs, action)
-                timer["env"] += time.perf_counter() - tic
-                timer["env_steps"] += n_envs
-                history.append(obs)
-                success = info.get("is_success", np.zeros(n_envs, dtype=bool))
-                for j in np.flatnonzero(~done):
-                    ep = wave[j]
-                    ep.score = max(ep.score, float(reward[j]))
-                    ep.success = ep.success or bool(success[j])
-                    ep.steps += 1
-                ended = ~done & (terminated | truncated)  # (N,)
-                self._fail_errored(info, wave, ended)  # a raising env ends its episode
-                done |= ended
-                step += 1
-                bar.update(1)
-                if (ended & recording).any():  # stop before the autoreset adds frames
-                    recording &= ~ended
-                    self._set_recording(envs, recording)
-                if step >= self.max_steps or done.all():
-                    break
-        return step
-
-    def _predict(
-        self,
-        policy: Policy,
-        history: deque,
-        device: torch.device,
-        envs: gym.vector.VectorEnv,
-    ) -> np.ndarray:
-        frames = [h if isinstance(h, dict) else {"obs": h} for h in history]
-        obs = {
-            key: torch.from_numpy(_stack_frames([f[key] for f in frames])).to(device)
-            for key in frames[-1]
-        }
-        with torch.no_grad():
-            out = policy.predict_action(obs)
-        if "action" not in out:
-            raise KeyError(f"predict_action must return an 'action' entry, got keys {list(out)}")
-        action = out["action"]
-        action_dim = envs.single_action_space.shape[0]
-        if action.ndim != 3 or action.shape[0] != envs.num_envs or action.shape[2] != action_dim:
-            raise ValueError(
-                f"predict_action returned action of shape {tuple(action.shape)}, expected "
-                f"({envs.num_envs}, Ta, {action_dim})"
-            )
-        return action.detach().float().cpu().numpy()
 
     # -- helpers ----------------------------------------------------------------------------
     def _policy_device(self, policy: Policy) -> torch.device:
@@ -517,15 +457,28 @@ class EnvRunner:
         device = getattr(policy, "device", None)
         return torch.device(device) if device is not None else torch.device("cpu")
 
-    def _write_videos(self, wave: list[EpisodeResult], frames: list[list[np.ndarray]]) -> list[str]:
+    def _write_videos(
+        self, episodes: list[EpisodeResult], frames: list[list[np.ndarray]]
+    ) -> list[str]:
+        """Writes one MP4 per episode; one that cannot be written is logged and left out."""
         paths = []
-        for ep, ep_frames in zip(wave, frames, strict=False):
-            name = f"rollout{self._n_runs:03d}_{ep.split}_seed{ep.seed}.mp4"
-            paths.append(str(write_video(self.output_dir / name, ep_frames, fps=self.fps)))
+        for ep, ep_frames in zip(episodes, frames, strict=True):
+            if not ep_frames:  # it failed before its first frame
+                continue
+            path = self.output_dir / f"rollout{self._n_runs:03d}_{ep.split}_seed{ep.seed}.mp4"
+            try:
+                paths.append(str(write_video(path, ep_frames, fps=self.fps)))
+            except Exception as e:  # a video must not cost the evaluation (e.g. a full disk)
+                log.error(
+                    "rollout: could not write the video of episode seed %d to %s (%s: %s); "
+                    "its scores are kept, the video is left out",
+                    ep.seed, path, type(e).__name__, e,
+                )  # fmt: skip
+                path.unlink(missing_ok=True)
         return paths
 
     def _summarize(
-        self, episodes: list[EpisodeResult], videos: list[str], timer: dict[str, float]
+        self, episodes: list[EpisodeResult], videos: list[str], stats: _Stats
     ) -> dict[str, Any]:
         result: dict[str, Any] = {}
         for split in ("test", "train"):
@@ -534,20 +487,33 @@ class EnvRunner:
                 result[f"{split}/mean_score"] = float(np.mean([ep.score for ep in eps]))
                 result[f"{split}/success_rate"] = float(np.mean([ep.success for ep in eps]))
                 result[f"{split}/n_failed"] = sum(ep.failed for ep in eps)
-        result["time/total_s"] = timer["total"]
-        result["time/policy_s"] = timer["policy"]
-        result["time/env_s"] = timer["env"]
-        result["time/env_steps_per_s"] = timer["env_steps"] / max(timer["env"], 1e-9)
+                for key, value in self._task_metrics(eps).items():
+                    result[f"{split}/{key}"] = value
+        seconds = stats.seconds
+        result["time/total_s"] = seconds["total"]
+        result["time/policy_s"] = seconds["policy"]
+        result["time/env_s"] = seconds["env"]
+        result["time/env_steps_per_s"] = stats.env_steps / max(seconds["env"], 1e-9)
         result["per_episode"] = [asdict(ep) for ep in episodes]
         result["videos"] = videos
         log.info(
             "rollout: %s in %.1fs (policy %.1fs, env %.1fs)",
             ", ".join(f"{k}={v:.3g}" for k, v in result.items() if "/" in k and "time" not in k),
-            timer["total"],
-            timer["policy"],
-            timer["env"],
+            seconds["total"],
+            seconds["policy"],
+            seconds["env"],
         )
         return result
+
+    def _task_metrics(self, episodes: list[EpisodeResult]) -> dict[str, float]:
+        metrics = self.scorer.summarize(episodes)
+        clash = sorted(set(metrics) & set(RUNNER_METRICS))
+        if clash:
+            raise ValueError(
+                f"{type(self.scorer).__name__}.summarize returned {clash}, which the runner "
+                f"reports itself ({', '.join(RUNNER_METRICS)}); name them otherwise"
+            )
+        return {key: float(value) for key, value in metrics.items()}
 
 
 class PushTRunner(EnvRunner):
@@ -557,7 +523,8 @@ class PushTRunner(EnvRunner):
         obs_type: ``"keypoint"`` or ``"image"``.
         render_size: Side in pixels of video frames.
         image_size: Side in pixels of image observations.
-        **kwargs: :class:`EnvRunner` arguments (episode counts, seeds, n_envs, videos...).
+        **kwargs: :class:`EnvRunner` arguments (episode counts, seeds, n_envs, videos, scorer;
+            the scorer defaults to Push-T's :class:`MaxRewardScorer`).
     """
 
     def __init__(
@@ -572,46 +539,68 @@ class PushTRunner(EnvRunner):
         env_fn = partial(
             make_pusht_env, obs_type=obs_type, render_size=render_size, image_size=image_size
         )
+        kwargs.setdefault("scorer", MaxRewardScorer())
         super().__init__(env_fn=env_fn, **kwargs)
 
 
-def _broken_workers(envs: gym.vector.VectorEnv, error: BaseException) -> dict[int, str]:
-    """``{index: what happened}`` of the async workers that died, raised or did not answer."""
-    if not isinstance(envs, gym.vector.AsyncVectorEnv):
-        return {}  # One process: the env at fault cannot be told.
-    procs = envs.processes
-    # A dead worker's pipe reports EOF as it exits; wait a moment for the exit to show.
-    exited = set(multiprocessing.connection.wait([p.sentinel for p in procs], timeout=0.5))
-    broken = {}
-    for i, p in enumerate(procs):
-        if p.sentinel in exited:
-            p.join(timeout=1.0)
-            code = p.exitcode
-            broken[i] = (
-                f"died (killed by signal {-code})"
-                if code is not None and code < 0
-                else f"died (exit code {code})"
-            )
-        elif envs.parent_pipes[i] is None:  # gymnasium drops the pipe of a worker that raised
-            broken[i] = "raised"
-    if isinstance(error, multiprocessing.TimeoutError):
-        for i, pipe in enumerate(envs.parent_pipes):
-            if i not in broken and pipe is not None and not pipe.closed and not pipe.poll(0):
-                broken[i] = "did not answer in time (hung)"
-    return broken
+def _recover(wave: _Wave, crash: faults.EnvCrash, attempts: list[int]) -> list[int]:
+    """Fails or restarts the unfinished episodes of a wave the envs broke.
+
+    Returns:
+        The wave positions of the episodes to run again.
+    """
+    failed, retry = faults.triage(crash, wave.done[: len(wave.episodes)], attempts)
+    for j, error in failed.items():
+        wave.episodes[j].fail(error)
+    for j in retry:
+        wave.episodes[j].restart()
+    log.error(
+        "rollout: the envs broke (%s); worker(s) at fault: %s; failed episodes: seeds %s; "
+        "run again in new envs: seeds %s",
+        crash,
+        crash.culprits or "unknown",
+        [wave.episodes[j].seed for j in failed],
+        [wave.episodes[j].seed for j in retry],
+    )
+    return retry
 
 
-def _discard(envs: gym.vector.VectorEnv) -> None:
-    """Closes broken envs without waiting on their workers (they may be dead or hung)."""
+@contextmanager
+def _eval_mode(policy: Policy) -> Iterator[None]:
+    """Puts an ``nn.Module`` policy in eval mode for the block, then back in training mode."""
+    was_training = isinstance(policy, nn.Module) and policy.training
+    if isinstance(policy, nn.Module):
+        policy.eval()
     try:
-        if isinstance(envs, gym.vector.AsyncVectorEnv):
-            for p in envs.processes:
-                if p.is_alive():
-                    p.kill()
-            # The failed call left the env waiting for answers that will never come.
-            envs._state = AsyncState.DEFAULT
-            envs.close(terminate=True)
-        else:
-            envs.close()
-    except Exception as e:
-        log.warning("rollout: closing the broken envs raised %s: %s", type(e).__name__, e)
+        yield
+    finally:
+        if was_training:
+            policy.train()
+
+
+def _make_env(env_fn: Callable[[], gym.Env], record: bool) -> gym.Env:
+    env = env_fn()
+    return faults.FailSafe(FrameRecorder(env) if record else env)
+
+
+def _stack_frames(frames: list[np.ndarray]) -> np.ndarray:
+    """Per-env frames [(N, ...)] * To -> (N, To, ...): uint8 (images) kept, the rest float32.
+
+    Non-finite values become 0: they are in rows of failed, masked episodes only, and must not
+    reach a policy that rejects them.
+    """
+    stacked = np.stack(frames, axis=1)
+    if stacked.dtype == np.uint8:
+        return stacked
+    return np.nan_to_num(stacked.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _env_info(info: dict[str, Any], j: int) -> dict[str, Any]:
+    """Sub-env ``j``'s info from a vector env's: ``{key: (N,) values, "_key": (N,) has-value}``."""
+    out = {}
+    for key, value in info.items():
+        has_value = info.get(f"_{key}")
+        if key.startswith("_") or (has_value is not None and not has_value[j]):
+            continue
+        out[key] = _env_info(value, j) if isinstance(value, dict) else value[j]
+    return out
