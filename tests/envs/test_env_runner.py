@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import logging
+
 import gymnasium as gym
 import imageio.v3 as iio
 import numpy as np
@@ -10,6 +13,7 @@ import torch
 from gymnasium import spaces
 from torch import nn
 
+from diffusion_policy.envs import video
 from diffusion_policy.envs.pusht_env import make_pusht_env
 from diffusion_policy.envs.runner import EnvRunner, PushTRunner
 
@@ -150,3 +154,28 @@ def test_video_stops_when_its_episode_ends(tmp_path):
     assert [e["steps"] for e in result["per_episode"]] == [2, 3, 4]
     lengths = [len(iio.imread(path, plugin="pyav")) for path in result["videos"]]
     assert lengths == [3, 4]  # no frames from the autoreset after the episode ended
+
+
+def test_video_on_a_full_disk_is_logged_and_left_out(tmp_path, monkeypatch, caplog):
+    """A full disk while writing a video used to raise out of the runner (and training)."""
+    imwrite = video.iio.imwrite
+
+    def full_disk_for_seed2(path, *args, **kwargs):
+        if "seed2" not in str(path):
+            return imwrite(path, *args, **kwargs)
+        path.write_bytes(b"half a video")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(video.iio, "imwrite", full_disk_for_seed2)
+    runner = EnvRunner(
+        CountdownEnv, n_test=3, test_start_seed=1, n_train=0, max_steps=10, n_action_steps=1,
+        n_videos=2, output_dir=tmp_path, progress=False,
+    )  # fmt: skip
+    with caplog.at_level(logging.ERROR, logger="diffusion_policy.envs.runner"):
+        result = runner.run(ZeroModule())
+    assert [e["steps"] for e in result["per_episode"]] == [2, 3, 4]  # scores still reported
+    assert result["test/success_rate"] == 1.0 and result["test/n_failed"] == 0
+    assert [p.rsplit("_", 1)[-1] for p in result["videos"]] == ["seed1.mp4"]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "seed 2" in errors[0] and "No space left on device" in errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rollout001_test_seed1.mp4"]

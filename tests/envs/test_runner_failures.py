@@ -21,8 +21,9 @@ class FaultyEnv(gym.Env):
     """Ends after LENGTH steps, unless the episode of ``bad_seed`` fails at step ``at_step``.
 
     ``fault``: ``"crash"`` (the process dies: ``os._exit``), ``"hang"`` (sleeps 10 minutes),
-    ``"raise"`` (RuntimeError) or ``"init"`` (the constructor raises). ``bad_seed="all"`` fails
-    every episode; ``at_step=0`` fails in ``reset``.
+    ``"raise"`` (RuntimeError), an exception class to raise (e.g. ``SystemExit``), ``"nan"`` (a
+    NaN observation) or ``"init"`` (the constructor raises). ``bad_seed="all"`` fails every
+    episode; ``at_step=0`` fails in ``reset``.
     """
 
     observation_space = spaces.Box(-1e3, 1e3, shape=(3,), dtype=np.float32)
@@ -39,17 +40,26 @@ class FaultyEnv(gym.Env):
         super().reset(seed=seed)
         self.episode_seed, self.t = seed, 0
         self._maybe_fail()
-        return np.zeros(3, dtype=np.float32), {"is_success": False}
+        return self._obs(), {"is_success": False}
 
     def step(self, action):
         self.t += 1
         self._maybe_fail()
         ended = self.t >= LENGTH
-        return np.full(3, self.t, np.float32), self.t / 10, ended, False, {"is_success": ended}
+        return self._obs(), self.t / 10, ended, False, {"is_success": ended}
+
+    def _obs(self):
+        obs = np.full(3, self.t, np.float32)
+        if self.fault == "nan" and self._failing():
+            obs[1] = np.nan
+        return obs
+
+    def _failing(self):
+        bad = self.bad_seed == "all" or self.episode_seed == self.bad_seed
+        return bad and self.episode_seed is not None and self.t == self.at_step
 
     def _maybe_fail(self):
-        bad = self.bad_seed == "all" or self.episode_seed == self.bad_seed
-        if not bad or self.episode_seed is None or self.t != self.at_step:
+        if not self._failing():
             return
         if self.fault == "crash":
             os._exit(3)
@@ -57,6 +67,8 @@ class FaultyEnv(gym.Env):
             time.sleep(600)
         if self.fault == "raise":
             raise RuntimeError(f"boom on seed {self.episode_seed}")
+        if isinstance(self.fault, type):
+            raise self.fault(f"boom on seed {self.episode_seed}")
 
 
 class ZeroPolicy:
@@ -134,3 +146,39 @@ def test_env_that_cannot_be_built_is_a_config_error():
 def test_step_timeout_is_validated():
     with pytest.raises(ValueError, match="step_timeout_s=0"):
         _runner(None, None, step_timeout_s=0)
+
+
+@pytest.mark.parametrize(
+    ("exception", "vectorization"),
+    [(SystemExit, "sync"), (GeneratorExit, "sync"), (SystemExit, "async")],
+)
+def test_env_raising_a_base_exception_fails_its_episode_only(exception, vectorization):
+    """A sync env's SystemExit used to end training with exit code 0 and no message."""
+    result = _runner(exception, 100001, vectorization).run(ZeroPolicy())
+    _check(result, {100001}, f"{exception.__name__} in env.step() at test_runner_failures.py")
+
+
+def test_keyboard_interrupt_in_an_env_goes_through():
+    """The user's Ctrl-C is not an env failure: the trainer sees it."""
+    with pytest.raises(KeyboardInterrupt):
+        _runner(KeyboardInterrupt, 100001, "sync").run(ZeroPolicy())
+
+
+@pytest.mark.parametrize("at_step", [0, 2], ids=["in_reset", "in_step"])
+def test_nonfinite_observation_fails_its_episode_only(at_step):
+    result = _runner("nan", 100002, "sync", at_step=at_step).run(ZeroPolicy())
+    _check(result, {100002}, f"observation[1] is nan (env step {at_step})")
+
+
+class NanRowPolicy:
+    """Zero actions, except a NaN in every call's row 1: the second env of each wave."""
+
+    def predict_action(self, obs):
+        action = torch.zeros(obs["obs"].shape[0], 4, 2)  # (B, Ta, Da)
+        action[1, 2, 0] = float("nan")
+        return {"action": action}
+
+
+def test_nonfinite_action_fails_its_episode_only():
+    result = _runner(None, None, "sync").run(NanRowPolicy())
+    _check(result, {100001, 100003}, "policy action[2, 0] is nan (env step 0)")
