@@ -11,22 +11,41 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from diffusion_policy.data.errors import DatasetError
 from diffusion_policy.training.builders import resolve_device
-from diffusion_policy.training.checkpoint import CheckpointError, atomic_write, describe_os_error
+from diffusion_policy.training.checkpoint import CheckpointError
+from diffusion_policy.training.config_checks import ConfigError, check_device
 from diffusion_policy.training.distributed import (
     broadcast_object,
     env_rank,
     init_distributed,
     shutdown,
 )
-from diffusion_policy.training.trainer import NonFiniteLossError, Trainer
+from diffusion_policy.training.interrupt import TrainingInterrupted
+from diffusion_policy.training.run_dir import RunFolderError
+from diffusion_policy.training.trainer import NonFiniteLossError, NonFiniteWeightsError, Trainer
 
 # Under torchrun, the ranks other than 0 write nothing of Hydra's (no run folder, .hydra/ or log
 # file): they are given rank 0's run folder.
 QUIET_RANK_OVERRIDES = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+
+# Errors the user can act on: reported in one line, without a traceback.
+USER_ERRORS = (
+    ConfigError,
+    DatasetError,
+    CheckpointError,
+    RunFolderError,
+    NonFiniteLossError,
+    NonFiniteWeightsError,
+)
+
+
+def resume_command(overrides: list[str], run_dir: str) -> str:
+    """The command that continues this run: its overrides, ``resume=true`` and its folder."""
+    kept = [o for o in overrides if not o.startswith(("resume=", "hydra.run.dir="))]
+    return " ".join(["python train.py", *kept, "resume=true", f"hydra.run.dir={run_dir}"])
 
 
 def sweep_group(sweep_dir: str) -> str:
@@ -42,6 +61,10 @@ def main(cfg: DictConfig) -> float | None:
         The run's best test score, which a Hydra sweeper such as Optuna maximizes; None
         without rollouts, and on ranks other than 0.
     """
+    try:
+        check_device(cfg.device)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     dist_info, _ = init_distributed(resolve_device(cfg.device))
     try:
         hydra_cfg = HydraConfig.get()
@@ -55,20 +78,20 @@ def main(cfg: DictConfig) -> float | None:
                 "error: trainer.rollout_every=0, but an Optuna search maximizes the rollouts' "
                 "test score: set trainer.rollout_every > 0"
             )
-        if dist_info.is_main:
-            config_path = Path(run_dir) / "config.yaml"
-            try:
-                atomic_write(
-                    config_path, lambda f: f.write(OmegaConf.to_yaml(cfg, resolve=True).encode())
-                )
-            except OSError as e:
-                sys.exit(f"error: cannot write {config_path}: {describe_os_error(e)}")
+        # The trainer writes <run dir>/config.yaml once the run folder is accepted.
         try:
             trainer = Trainer(cfg, run_dir)
             trainer.train()
-        except (DatasetError, CheckpointError, NonFiniteLossError) as e:
+        except USER_ERRORS as e:
             # Errors the user can act on: one line, no traceback.
             sys.exit(f"error: {e}")
+        except TrainingInterrupted as e:
+            e.resume_command = resume_command(hydra_cfg.overrides.task, run_dir)
+            print(e, file=sys.stderr)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+            print(f"interrupted; nothing more was saved in {run_dir}", file=sys.stderr)
+            sys.exit(130)
         return trainer.best_score
     finally:
         shutdown(dist_info)

@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from diffusion_policy.training.builders import load_policy
-from diffusion_policy.training.checkpoint import CheckpointError, load_checkpoint
+from diffusion_policy.training.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_model_state,
+)
+from diffusion_policy.training.run_dir import RunFolderError
 from diffusion_policy.training.trainer import Trainer
 from tests.helpers import debug_cfg
 
@@ -55,8 +60,12 @@ def test_train_checkpoint_resume_rollout(pusht_zarr_path, tmp_path):
 def test_checkpoint_from_other_config_names_mismatch(pusht_zarr_path, tmp_path):
     run = tmp_path / "run"
     Trainer(_cfg(pusht_zarr_path, "trainer.num_epochs=1", "trainer.rollout_every=0"), run).train()
-    with pytest.raises(CheckpointError, match="shape mismatch"):
+    with pytest.raises(RunFolderError, match=r"denoiser.down_dims: \[16, 32\] -> \[32, 64\]"):
         Trainer(_cfg(pusht_zarr_path, "resume=true", "denoiser.down_dims=[32,64]"), run)
+    state = load_checkpoint(run / "checkpoints" / "latest.ckpt")
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        build = Trainer(_cfg(pusht_zarr_path, "denoiser.down_dims=[32,64]"), tmp_path / "other")
+        load_model_state(build.policy, state["model"], what="latest.ckpt")
 
 
 def test_cli_train_then_eval(pusht_zarr_path, tmp_path):
