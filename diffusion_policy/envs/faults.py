@@ -105,7 +105,8 @@ def nonfinite_rows(batch: Any, what: str) -> dict[int, str]:
         what: How to name the batch in the message, e.g. ``"observation"``.
 
     Returns:
-        ``{row: "observation['agent_pos'][1] is nan"}``, the first bad value of each bad row.
+        ``{row: "observation['agent_pos'][1] is nan"}``, the first bad value of each bad row
+            (its index within the row).
     """
     items = batch.items() if isinstance(batch, dict) else [(None, batch)]
     bad: dict[int, str] = {}
@@ -117,7 +118,7 @@ def nonfinite_rows(batch: Any, what: str) -> dict[int, str]:
         name = what if key is None else f"{what}[{key!r}]"
         for j in np.flatnonzero(nonfinite.any(axis=1)):
             index = np.unravel_index(np.argmax(nonfinite[j]), x.shape[1:])
-            where = "".join(f"[{i}]" for i in index)
+            where = f"[{', '.join(str(i) for i in index)}]" if index else ""
             bad.setdefault(int(j), f"{name}{where} is {x[j][index]}")
     return bad
 

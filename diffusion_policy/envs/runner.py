@@ -49,6 +49,7 @@ from torch import nn
 from tqdm import tqdm
 
 from diffusion_policy.envs import faults
+from diffusion_policy.envs.episodes import EpisodeResult, Wave
 from diffusion_policy.envs.pusht_env import OBS_TYPES, make_pusht_env
 from diffusion_policy.envs.scoring import MaxRewardScorer, Scorer
 from diffusion_policy.envs.video import FrameRecorder, write_video
@@ -66,108 +67,6 @@ class Policy(Protocol):
     def predict_action(self, obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Maps observations {key: (B, To, ...)} to ``{"action": (B, Ta, Da), ...}``."""
         ...
-
-
-@dataclass
-class EpisodeResult:
-    """The outcome of one rollout episode; ``extra`` holds the task scorer's extra values."""
-
-    seed: int
-    split: str
-    score: float = 0.0
-    success: bool = False
-    steps: int = 0
-    failed: bool = False
-    error: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def fail(self, error: str) -> None:
-        """Marks the episode failed: score 0, no success."""
-        self.failed, self.error, self.score, self.success, self.extra = True, error, 0.0, False, {}
-
-    def restart(self) -> None:
-        """Forgets a partial run, before running the episode again."""
-        self.score, self.success, self.steps, self.extra = 0.0, False, 0, {}
-
-
-@dataclass
-class _Wave:
-    """The episodes one vector env of N sub-envs runs at once: sub-env ``j`` runs episode ``j``.
-
-    Sub-envs past the episodes (a last, smaller wave) repeat the last seed and are done from the
-    start. A done sub-env keeps stepping (the vector env autoresets it); its results are ignored.
-    """
-
-    episodes: list[EpisodeResult]  # (n,), n <= N
-    scorer: Scorer
-    done: np.ndarray  # (N,) bool: ended, failed or padding
-    recorded: np.ndarray  # (N,) bool: sub-envs whose video is kept
-    recording: np.ndarray  # (N,) bool: recorded and not yet ended
-    rewards: list[list[float]]  # (n,) lists, one reward per step
-    infos: list[list[dict[str, Any]]]  # (n,) lists, one info per step
-
-    @classmethod
-    def start(
-        cls, episodes: list[EpisodeResult], n_envs: int, record: list[bool], scorer: Scorer
-    ) -> _Wave:
-        recorded = np.zeros(n_envs, dtype=bool)
-        recorded[: len(episodes)] = record
-        return cls(
-            episodes=episodes,
-            scorer=scorer,
-            done=np.arange(n_envs) >= len(episodes),
-            recorded=recorded,
-            recording=recorded.copy(),
-            rewards=[[] for _ in episodes],
-            infos=[[] for _ in episodes],
-        )
-
-    @property
-    def seeds(self) -> list[int]:
-        padding = len(self.done) - len(self.episodes)
-        return [ep.seed for ep in self.episodes] + [self.episodes[-1].seed] * padding
-
-    def fail(self, errors: dict[int, str], step: int) -> np.ndarray:
-        """Fails the running episodes among ``{sub-env: error}``; returns their (N,) mask."""
-        failed = np.zeros_like(self.done)
-        for j, error in errors.items():
-            if not self.done[j]:
-                self.episodes[j].fail(f"{error} (env step {step})")
-                log.error("rollout: episode seed %d failed: %s", self.episodes[j].seed, error)
-                failed[j] = True
-        self.done |= failed
-        return failed
-
-    def take_step(
-        self, obs: Any, reward: np.ndarray, ended: np.ndarray, info: dict[str, Any], step: int
-    ) -> np.ndarray:
-        """Takes in one vector step's results; returns the (N,) mask of episodes it ended.
-
-        An episode ends when its env terminates or truncates it, raises, or returns a
-        non-finite observation (the last two fail it).
-        """
-        running = ~self.done  # (N,)
-        for j in np.flatnonzero(running):
-            self.rewards[j].append(float(reward[j]))
-            self.infos[j].append(_env_info(info, j))
-            self.episodes[j].steps += 1
-        errors = {**faults.nonfinite_rows(obs, "observation"), **faults.env_errors(info)}
-        failed = self.fail(errors, step)
-        ended = running & ended & ~failed  # (N,)
-        for j in np.flatnonzero(ended):
-            self._score(j)
-        self.done |= ended
-        return ended | failed
-
-    def score_unfinished(self) -> None:
-        """Scores the episodes still running when the steps ran out."""
-        for j in np.flatnonzero(~self.done):
-            self._score(j)
-
-    def _score(self, j: int) -> None:
-        result = self.scorer.score(self.rewards[j], self.infos[j])
-        ep = self.episodes[j]
-        ep.score, ep.success, ep.extra = float(result.score), bool(result.success), result.extra
 
 
 @dataclass
@@ -336,13 +235,13 @@ class EnvRunner:
                 for i in idx:
                     attempts[i] += 1
                 record = [i < self.n_videos for i in idx]  # test episodes come first
-                wave = _Wave.start([episodes[i] for i in idx], envs.num_envs, record, self.scorer)
+                wave = Wave.start([episodes[i] for i in idx], envs.num_envs, record, self.scorer)
                 try:
                     frames = self._run_wave(envs, policy, device, wave, stats)
                 except faults.EnvCrash as crash:
                     faults.discard(envs)
                     envs = None
-                    retry = _recover(wave, crash, [attempts[i] for i in idx])
+                    retry = wave.recover(crash, [attempts[i] for i in idx])
                     pending.extendleft(idx[j] for j in reversed(retry))
                     continue
                 recorded = [ep for ep, r in zip(wave.episodes, record, strict=True) if r]
@@ -353,7 +252,7 @@ class EnvRunner:
         return videos
 
     def _run_wave(
-        self, envs: gym.vector.VectorEnv, policy: Policy, device: torch.device, wave: _Wave,
+        self, envs: gym.vector.VectorEnv, policy: Policy, device: torch.device, wave: Wave,
         stats: _Stats,
     ) -> list[list[np.ndarray]]:  # fmt: skip
         """Runs a wave's episodes to their end.
@@ -543,28 +442,6 @@ class PushTRunner(EnvRunner):
         super().__init__(env_fn=env_fn, **kwargs)
 
 
-def _recover(wave: _Wave, crash: faults.EnvCrash, attempts: list[int]) -> list[int]:
-    """Fails or restarts the unfinished episodes of a wave the envs broke.
-
-    Returns:
-        The wave positions of the episodes to run again.
-    """
-    failed, retry = faults.triage(crash, wave.done[: len(wave.episodes)], attempts)
-    for j, error in failed.items():
-        wave.episodes[j].fail(error)
-    for j in retry:
-        wave.episodes[j].restart()
-    log.error(
-        "rollout: the envs broke (%s); worker(s) at fault: %s; failed episodes: seeds %s; "
-        "run again in new envs: seeds %s",
-        crash,
-        crash.culprits or "unknown",
-        [wave.episodes[j].seed for j in failed],
-        [wave.episodes[j].seed for j in retry],
-    )
-    return retry
-
-
 @contextmanager
 def _eval_mode(policy: Policy) -> Iterator[None]:
     """Puts an ``nn.Module`` policy in eval mode for the block, then back in training mode."""
@@ -593,14 +470,3 @@ def _stack_frames(frames: list[np.ndarray]) -> np.ndarray:
     if stacked.dtype == np.uint8:
         return stacked
     return np.nan_to_num(stacked.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-
-
-def _env_info(info: dict[str, Any], j: int) -> dict[str, Any]:
-    """Sub-env ``j``'s info from a vector env's: ``{key: (N,) values, "_key": (N,) has-value}``."""
-    out = {}
-    for key, value in info.items():
-        has_value = info.get(f"_{key}")
-        if key.startswith("_") or (has_value is not None and not has_value[j]):
-            continue
-        out[key] = _env_info(value, j) if isinstance(value, dict) else value[j]
-    return out

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from diffusion_policy.envs.runner import EpisodeResult
+    from diffusion_policy.envs.episodes import EpisodeResult
 
 
 @dataclass
