@@ -117,10 +117,8 @@ def find_resume_checkpoint(run_dir: str | Path, resume: bool) -> Path | None:
         return None
     if latest.is_file():
         return latest
-    if not run_dir.exists():
-        there = "the folder does not exist"
-    elif not found:
-        there = "it holds no checkpoints or logs of a run"
+    if not found:
+        there = "the folder is empty or new: it holds no checkpoints or logs of a run"
     else:
         there = f"it holds {', '.join(found)} but no {LATEST}"
     raise RunFolderError(
