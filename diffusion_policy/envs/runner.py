@@ -28,6 +28,10 @@ With ``vectorization="sync"`` the envs run in the caller's process: an env that 
 the process (training included) and one that hangs blocks it. Use ``"async"`` to isolate
 untrusted or crashy envs in worker processes. ``run`` raises only for configuration errors: the
 envs cannot be built the first time, or the policy's output is malformed.
+
+This module is the rollout loop; fault handling is in :mod:`~diffusion_policy.envs.faults`, the
+per-episode bookkeeping in :mod:`~diffusion_policy.envs.episodes`, the scoring rules in
+:mod:`~diffusion_policy.envs.scoring`.
 """
 
 from __future__ import annotations
@@ -290,12 +294,11 @@ class EnvRunner:
                 if step >= self.max_steps or wave.done.all():
                     break
         stats.bar.update(self.max_steps - step)
+        wave.score_unfinished()
         if not wave.recorded.any():
-            wave.score_unfinished()
             return []
         frames = call("call", "pop_frames")
         call("set_attr", "recording", [False] * envs.num_envs)
-        wave.score_unfinished()
         return [f for f, r in zip(frames, wave.recorded, strict=True) if r]
 
     def _predict(
