@@ -60,3 +60,17 @@ def test_eval_config_composes_with_scheduler_override():
     cfg = _compose(["checkpoint=x.ckpt", "noise_scheduler=ddpm"], name="eval")
     assert cfg.noise_scheduler._target_ == "diffusers.DDPMScheduler"
     assert "noise_scheduler" not in _compose(["checkpoint=x.ckpt"], name="eval")
+
+
+def test_trainer_schema_matches_the_trainer_config():
+    """configs/trainer/default.yaml and the schema config_checks validates declare one key set."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from diffusion_policy.training.config_checks import TrainerSchema
+
+    yaml_keys = set(OmegaConf.load(Path(CONFIG_DIR) / "trainer" / "default.yaml"))
+    assert yaml_keys == {f.name for f in dataclasses.fields(TrainerSchema)}
+    defaults = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "trainer" / "default.yaml"))
+    assert defaults == dataclasses.asdict(TrainerSchema())

@@ -1,38 +1,71 @@
-"""Checks of a run's config values, before anything is built or loaded."""
+"""The schema of a run's settings, and the one check of them before anything is built or loaded.
+
+Types and ranges are declared once, as dataclass fields (:class:`RunSchema`,
+:class:`TrainerSchema`, :class:`NoiseSchedulerSchema`), each with its bounds in the field's
+metadata; :func:`check_config` walks those fields. ``tests/test_configs.py`` keeps
+:class:`TrainerSchema` and ``configs/trainer/default.yaml`` in step. The run-level window sizes
+(``horizon``, ``n_obs_steps``, ``n_action_steps``) and how they relate are checked here only.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-# <key>: (smallest allowed integer, whether null is allowed). Relations between them (the horizon
-# fits n_obs_steps and n_action_steps...) are checked by the dataset and the policy.
-_RUN_INT_KEYS = {
-    "seed": (0, False),
-    "horizon": (1, False),
-    "n_obs_steps": (1, False),
-    "n_action_steps": (1, False),
-}
-_TRAINER_INT_KEYS = {
-    "num_epochs": (1, False),
-    "batch_size": (1, False),
-    "num_workers": (0, False),
-    "log_every": (1, False),
-    "val_every": (0, True),
-    "rollout_every": (0, True),
-    "checkpoint_every": (0, True),
-    "topk": (0, False),
-    "max_train_steps_per_epoch": (1, True),
-    "max_val_steps": (1, True),
-    "max_nonfinite_steps": (1, False),
-}
-
 
 class ConfigError(ValueError):
     """A config value of the wrong type, out of range, or unusable on this machine."""
+
+
+def _int(low: int, default: int | None = None) -> Any:
+    return field(default=default, metadata={"low": low})
+
+
+def _positive_number() -> Any:
+    return field(default=None, metadata={"positive": True})
+
+
+@dataclass
+class RunSchema:
+    """Top-level settings of ``configs/train.yaml`` checked before a run starts."""
+
+    seed: int = _int(0, 42)
+    horizon: int = _int(1, 16)  # predicted actions
+    n_obs_steps: int = _int(1, 2)  # observation frames conditioning a prediction
+    n_action_steps: int = _int(1, 8)  # actions executed per prediction
+
+
+@dataclass
+class TrainerSchema:
+    """``configs/trainer/default.yaml``: the trainer's settings (see that file for meanings)."""
+
+    num_epochs: int = _int(1, 5000)
+    batch_size: int = _int(1, 256)
+    num_workers: int = _int(0, 0)
+    log_every: int = _int(1, 1)
+    val_every: int | None = _int(0, 1)
+    rollout_every: int | None = _int(0, 50)
+    checkpoint_every: int | None = _int(0, 50)
+    topk: int = _int(0, 5)
+    grad_clip_norm: float | None = _positive_number()
+    max_train_steps_per_epoch: int | None = _int(1)
+    max_val_steps: int | None = _int(1)
+    max_nonfinite_steps: int = _int(1, 10)
+    max_minutes: float | None = _positive_number()
+    precision: str = "fp32"
+    compile: bool = False
+
+
+@dataclass
+class NoiseSchedulerSchema:
+    """The training schedule settings of ``noise_scheduler`` checked here."""
+
+    num_train_timesteps: int = _int(1, 100)
 
 
 def check_device(device: str) -> None:
@@ -49,34 +82,57 @@ def check_device(device: str) -> None:
 
 
 def check_config(cfg: Mapping[str, Any]) -> None:
-    """Checks the run's integer settings and ``trainer.*`` before anything is built.
+    """Checks the run's settings against the schema before anything is built.
+
+    Raises:
+        ConfigError: Naming the first value of the wrong type or out of range, or window sizes
+            that do not fit together.
+    """
+    check_fields(RunSchema, cfg, prefix="")
+    check_windows(cfg["horizon"], cfg["n_obs_steps"], cfg["n_action_steps"])
+    check_fields(TrainerSchema, cfg.get("trainer") or {}, prefix="trainer.")
+    if cfg.get("noise_scheduler") is not None:
+        check_fields(NoiseSchedulerSchema, cfg["noise_scheduler"], prefix="noise_scheduler.")
+
+
+def check_windows(horizon: int, n_obs_steps: int, n_action_steps: int) -> None:
+    """Checks that a predicted window covers the observed steps and the executed actions.
+
+    Raises:
+        ConfigError: ``horizon < n_obs_steps - 1 + n_action_steps``.
+    """
+    if n_obs_steps - 1 + n_action_steps > horizon:
+        raise ConfigError(
+            f"horizon={horizon} is too short for n_obs_steps={n_obs_steps} and "
+            f"n_action_steps={n_action_steps}: needs at least n_obs_steps - 1 + n_action_steps "
+            f"= {n_obs_steps - 1 + n_action_steps}"
+        )
+
+
+def check_fields(schema: type, cfg: Mapping[str, Any], prefix: str) -> None:
+    """Checks the values of ``cfg`` that ``schema``'s fields with bounds declare.
 
     Raises:
         ConfigError: Naming the first value of the wrong type or out of range.
     """
-    _check_ints(cfg, _RUN_INT_KEYS, prefix="")
-    tcfg = cfg.get("trainer") or {}
-    _check_ints(tcfg, _TRAINER_INT_KEYS, prefix="trainer.")
-    clip = tcfg.get("grad_clip_norm")
-    if clip is not None and (
-        isinstance(clip, bool) or not isinstance(clip, int | float) or not (0 < clip < math.inf)
-    ):
-        raise ConfigError(f"trainer.grad_clip_norm={clip!r} must be a finite number > 0 or null")
-    minutes = tcfg.get("max_minutes")
-    if minutes is not None and (
-        isinstance(minutes, bool) or not isinstance(minutes, int | float) or not minutes > 0
-    ):
-        raise ConfigError(f"trainer.max_minutes={minutes!r} must be a number > 0 or null")
-    if cfg.get("noise_scheduler") is not None:
-        timesteps = {"num_train_timesteps": (1, False)}
-        _check_ints(cfg["noise_scheduler"], timesteps, prefix="noise_scheduler.")
-
-
-def _check_ints(cfg: Mapping[str, Any], keys: dict[str, tuple[int, bool]], prefix: str) -> None:
-    for key, (low, nullable) in keys.items():
-        value = cfg.get(key)
+    for f in dataclasses.fields(schema):
+        nullable = "None" in str(f.type)
+        value = cfg.get(f.name)
         if value is None and nullable:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            null = " or null" if nullable else ""
-            raise ConfigError(f"{prefix}{key}={value!r} must be an integer >= {low}{null}")
+        name = f"{prefix}{f.name}"
+        if "low" in f.metadata:
+            _check_int(name, value, f.metadata["low"], nullable)
+        elif f.metadata.get("positive"):
+            _check_positive(name, value)
+
+
+def _check_int(name: str, value: Any, low: int, nullable: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        null = " or null" if nullable else ""
+        raise ConfigError(f"{name}={value!r} must be an integer >= {low}{null}")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ConfigError(f"{name}={value!r} must be a finite number > 0 or null")
