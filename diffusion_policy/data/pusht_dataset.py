@@ -6,6 +6,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from diffusion_policy.data.keys import RGB
 from diffusion_policy.data.sequence_dataset import Field, SequenceDataset, flatten_steps
 
 
@@ -25,8 +26,8 @@ class PushTKeypointDataset(SequenceDataset):
         "keypoint": Field("keypoint", flatten_steps),
         "agent_pos": Field("state", agent_pos_from_state),
     }
-    action_field: ClassVar[Field] = Field("action")
-    # The authors' layout; a store of another one is refused with the key and shape named.
+    # The authors' layout, by zarr array name; a store of another one is refused with the key and
+    # shape named. The action comes from data/action (SequenceDataset's default action_field).
     zarr_shapes: ClassVar[dict[str, tuple[int | None, ...]]] = {
         "keypoint": (9, 2),
         "state": (5,),
@@ -46,10 +47,9 @@ class PushTImageDataset(SequenceDataset):
     """
 
     obs_fields: ClassVar[dict[str, Field]] = {
-        "image": Field("img", type="rgb"),
+        "image": Field("img", type=RGB),
         "agent_pos": Field("state", agent_pos_from_state),
     }
-    action_field: ClassVar[Field] = Field("action")
     load_dtypes: ClassVar[dict[str, Any]] = {"img": np.uint8}
     zarr_shapes: ClassVar[dict[str, tuple[int | None, ...]]] = {
         "img": (None, None, 3),

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import numpy as np
 import zarr
 
 from diffusion_policy.data.errors import DatasetError, DatasetNotFoundError
+from diffusion_policy.utils.atomic import atomic_write_dir
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +101,7 @@ class ReplayBuffer:
         try:
             root = zarr.open_group(str(path), mode="r")
         except Exception as e:  # zarr raises many types for a bad group
-            raise DatasetError(f"{path} is not a readable zarr group ({e})") from e
+            raise DatasetError(f"{path} is not a readable zarr group ({e})") from None
         ends_arr = _get_node(root, "meta/episode_ends", path)
         if not isinstance(ends_arr, zarr.Array):
             raise DatasetError(f"zarr store {path} has no meta/episode_ends array")
@@ -116,7 +115,9 @@ class ReplayBuffer:
             names = keys or (sorted(p.name for p in folder.iterdir()) if folder.is_dir() else [])
             for key in names:
                 _get_node(root, f"data/{key}", path)
-            raise DatasetError(f"zarr store {path}: cannot list the arrays in data/ ({e})") from e
+            raise DatasetError(
+                f"zarr store {path}: cannot list the arrays in data/ ({e})"
+            ) from None
         keys = available if keys is None else list(keys)
         missing = [k for k in keys if k not in available]
         if missing:
@@ -133,7 +134,7 @@ class ReplayBuffer:
             ends = _read_array(ends_arr, "meta/episode_ends")
             _check_episode_ends(ends)
         except DatasetError as e:
-            raise DatasetError(f"zarr store {path}: {e}") from e
+            raise DatasetError(f"zarr store {path}: {e}") from None
         n_steps = int(ends[-1]) if len(ends) else 0
         data = {}
         for key in keys:
@@ -143,7 +144,7 @@ class ReplayBuffer:
                 dtype = np.dtype(dtypes.get(key, arr.dtype))
                 data[key] = _load_array(arr, dtype, key, ends, check_finite)
             except DatasetError as e:
-                raise DatasetError(f"zarr store {path}: {e}") from e
+                raise DatasetError(f"zarr store {path}: {e}") from None
         log.info("loaded %s: %d episodes, %d steps, keys %s", path, len(ends), n_steps, keys)
         return cls(data, ends)
 
@@ -252,28 +253,7 @@ class ReplayBuffer:
         Returns:
             The store path.
         """
-        path = Path(path).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tag = uuid.uuid4().hex[:8]
-        tmp = path.with_name(f".{path.name}.tmp-{tag}")
-        try:
-            self._write(tmp)
-            _fsync_tree(tmp)  # The data is on disk before the rename makes it visible.
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{tag}")
-                os.replace(path, old)
-                try:
-                    os.replace(tmp, path)
-                except OSError:
-                    os.replace(old, path)  # Put the old store back.
-                    raise
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-            _fsync_dir(path.parent)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        path = atomic_write_dir(Path(path).expanduser(), self._write)
         log.info("saved %d episodes (%d steps) to %s", self.n_episodes, self.n_steps, path)
         return path
 
@@ -333,7 +313,7 @@ def _get_node(root: zarr.Group, name: str, path: Path) -> Any:
     try:
         return root.get(name)
     except Exception as e:  # broken metadata raises JSON, codec or value errors
-        raise DatasetError(f"zarr store {path}: {name} cannot be opened ({e})") from e
+        raise DatasetError(f"zarr store {path}: {name} cannot be opened ({e})") from None
 
 
 def _check_array(arr: Any, key: str, n_steps: int, shape: Sequence[int | None] | None) -> None:
@@ -376,7 +356,7 @@ def _read_array(arr: zarr.Array, name: str, start: int = 0, stop: int | None = N
         return np.asarray(arr[start:stop] if arr.ndim else arr[()])
     except Exception as e:  # codecs raise RuntimeError, ValueError, ...
         if not arr.ndim:
-            raise DatasetError(f"{name} cannot be read ({e})") from e
+            raise DatasetError(f"{name} cannot be read ({e})") from None
         stop = arr.shape[0] if stop is None else min(stop, arr.shape[0])
         chunk_rows = arr.chunks[0]
         for c_start in range(start - start % chunk_rows, stop, chunk_rows):
@@ -385,11 +365,12 @@ def _read_array(arr: zarr.Array, name: str, start: int = 0, stop: int | None = N
             except Exception as chunk_error:
                 i = c_start // chunk_rows
                 c_stop = min(c_start + chunk_rows, arr.shape[0]) - 1
+                # from None: zarr's error sits under hundreds of lines of asyncio frames.
                 raise DatasetError(
                     f"{name}: chunk {_chunk_key(arr, i)} (steps {c_start}..{c_stop}) is corrupt "
                     f"and cannot be read ({type(chunk_error).__name__}: {chunk_error})"
-                ) from chunk_error
-        raise DatasetError(f"{name} steps {start}..{stop - 1} cannot be read ({e})") from e
+                ) from None
+        raise DatasetError(f"{name} steps {start}..{stop - 1} cannot be read ({e})") from None
 
 
 def _chunk_key(arr: zarr.Array, i: int) -> str:
@@ -444,23 +425,3 @@ def _check_finite(block: np.ndarray, key: str, start: int, ends: np.ndarray) -> 
         f"data/{key}[{index}] is {block[idx]} (step {step}, episode {episode}); "
         f"{int((~finite).sum())} non-finite values in steps {start}..{start + len(block) - 1}"
     )
-
-
-def _fsync_tree(root: Path) -> None:
-    """fsyncs every file and folder under ``root`` (a store about to be renamed into place)."""
-    for folder, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(folder))
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

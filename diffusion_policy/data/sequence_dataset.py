@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -11,12 +12,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from diffusion_policy.data.errors import DatasetError
+from diffusion_policy.data.keys import ACTION, LOW_DIM, OBS
 from diffusion_policy.data.replay_buffer import ReplayBuffer
 from diffusion_policy.data.sampler import SequenceSampler
 from diffusion_policy.data.split import split_episodes
 
-OBS = "obs"
-ACTION = "action"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,7 @@ class Field:
 
     zarr_key: str
     transform: Callable[[np.ndarray], np.ndarray] | None = None
-    type: str = "low_dim"
+    type: str = LOW_DIM
 
 
 def flatten_steps(x: np.ndarray) -> np.ndarray:
@@ -65,7 +67,7 @@ class SequenceDataset(Dataset):
     """
 
     obs_fields: ClassVar[dict[str, Field]] = {}
-    action_field: ClassVar[Field] = Field("action")
+    action_field: ClassVar[Field] = Field(ACTION)
     load_dtypes: ClassVar[dict[str, Any]] = {}
     zarr_shapes: ClassVar[dict[str, tuple[int | None, ...]]] = {}
 
@@ -87,10 +89,15 @@ class SequenceDataset(Dataset):
         self.arrays: dict[str, np.ndarray] = {}
         for name, f in fields.items():
             arr = buffer[f.zarr_key] if f.transform is None else f.transform(buffer[f.zarr_key])
-            if f.type == "low_dim":
+            if f.type == LOW_DIM:
                 arr = arr.astype(np.float32, copy=False)
             self.arrays[name] = np.ascontiguousarray(arr)
         self.episode_ends = buffer.episode_ends
+        if not len(self.episode_ends):
+            raise DatasetError(
+                f"zarr store {zarr_path} has no episodes (meta/episode_ends is empty): "
+                f"nothing to train on"
+            )
         self.horizon = horizon
         self.n_obs_steps = n_obs_steps
         self.n_action_steps = n_action_steps
@@ -98,6 +105,39 @@ class SequenceDataset(Dataset):
             len(self.episode_ends), val_ratio, seed, max_train_episodes
         )
         self.sampler = self._make_sampler(self.train_mask)
+        self._check_episode_lengths(zarr_path)
+
+    def _check_episode_lengths(self, zarr_path: str) -> None:
+        """Refuses a split whose train episodes are all too short for one window; warns for some.
+
+        A window may extend ``n_obs_steps - 1`` steps before an episode and ``n_action_steps - 1``
+        after it (edge frames repeated), so an episode needs at least ``horizon`` minus those
+        steps; shorter ones are dropped, not padded further.
+        """
+        need = self.horizon - (self.n_obs_steps - 1) - (self.n_action_steps - 1)
+        lengths = np.diff(self.episode_ends, prepend=0)[self.train_mask]
+        short = lengths[lengths < need]
+        if not len(short):
+            return
+        why = (
+            f"a window needs {need} steps of an episode (horizon={self.horizon}, padded by "
+            f"n_obs_steps - 1 = {self.n_obs_steps - 1} repeated first frames and "
+            f"n_action_steps - 1 = {self.n_action_steps - 1} repeated last frames); shorter "
+            f"episodes are dropped, not padded further"
+        )
+        if len(short) == len(lengths):
+            raise DatasetError(
+                f"zarr store {zarr_path}: no training windows: all {len(lengths)} train "
+                f"episodes are too short, episode lengths {_describe(lengths)}; {why}"
+            )
+        log.warning(
+            "%s: %d of %d train episodes are dropped, lengths %s; %s",
+            zarr_path,
+            len(short),
+            len(lengths),
+            _describe(short),
+            why,
+        )
 
     def _make_sampler(self, episode_mask: np.ndarray) -> SequenceSampler:
         return SequenceSampler(
@@ -129,7 +169,7 @@ class SequenceDataset(Dataset):
         """The low-dim fields and action over the train episodes' steps: ``{key: (N, D)}``."""
         lengths = np.diff(self.episode_ends, prepend=0)
         steps = np.repeat(self.train_mask, lengths)  # (n_steps,) bool
-        keys = [k for k, f in self.obs_fields.items() if f.type == "low_dim"] + [ACTION]
+        keys = [k for k, f in self.obs_fields.items() if f.type == LOW_DIM] + [ACTION]
         return {k: flatten_steps(self.arrays[k][steps]) for k in keys}
 
     def __len__(self) -> int:
@@ -151,3 +191,10 @@ class SequenceDataset(Dataset):
     def _to_batch(self, sample: dict[str, np.ndarray]) -> dict[str, Any]:
         tensors = {k: torch.from_numpy(v) for k, v in sample.items()}
         return {OBS: {k: tensors[k] for k in self.obs_fields}, ACTION: tensors[ACTION]}
+
+
+def _describe(lengths: np.ndarray) -> str:
+    """``[3, 5]`` for a few lengths, ``3..40 (120 episodes)`` for many."""
+    if len(lengths) <= 8:
+        return str([int(n) for n in lengths])
+    return f"{int(lengths.min())}..{int(lengths.max())} ({len(lengths)} episodes)"

@@ -4,24 +4,38 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import pickle
 import re
 import shutil
-import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from diffusion_policy.utils.atomic import TMP_SUFFIX, atomic_write
+
 log = logging.getLogger(__name__)
 
+__all__ = [  # atomic_write is re-exported: callers of the checkpoint API find it here too
+    "CheckpointError",
+    "CheckpointWriteError",
+    "NonFiniteCheckpointError",
+    "TopKCheckpoints",
+    "atomic_write",
+    "check_writable",
+    "describe_os_error",
+    "load_checkpoint",
+    "load_model_state",
+    "remove_stale_temp_files",
+    "save_checkpoint",
+    "warn_if_low_disk",
+]
+
 FORMAT_VERSION = 1
-
-
-# Temporary files of atomic_write: ".<name>.<random>.tmp" next to the destination.
-_TMP_SUFFIX = ".tmp"
+# The first bytes of a file written by torch.save (a zip archive).
+_ZIP_MAGIC = b"PK\x03\x04"
 # errno -> what the user can do about it.
 _ADVICE = {
     errno.ENOSPC: "free disk space there",
@@ -46,84 +60,19 @@ class CheckpointWriteError(CheckpointError):
     """
 
 
+class NonFiniteCheckpointError(CheckpointError):
+    """A state to save holds NaN or inf; nothing was written.
+
+    The file previously at the destination, if any, is untouched and still loads.
+    """
+
+
 def describe_os_error(e: OSError) -> str:
     """``"[ENOSPC] No space left on device"`` plus advice, for an error message."""
     name = errno.errorcode.get(e.errno or 0, "unknown errno")
     advice = _ADVICE.get(e.errno or 0)
     text = f"[{name}] {e.strerror or e}"
     return f"{text}: {advice}" if advice else text
-
-
-def atomic_write(path: str | Path, write: Any) -> None:
-    """Writes a file through a temporary sibling, fsync and rename: it is complete or absent.
-
-    If the write fails or the process dies midway, ``path`` keeps its previous content; a dead
-    process can leave a ``.<name>.*.tmp`` sibling, which :func:`remove_stale_temp_files` deletes.
-
-    Args:
-        path: Destination.
-        write: Callable taking a binary file object (``write``, ``writelines``, ``flush``).
-
-    Raises:
-        OSError: The folder cannot be created or written, e.g. ENOSPC when the disk is full
-            (the partial temporary file is removed).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb", buffering=0) as f:
-            write(_FullWriter(f))
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        disk_error = _os_error_in_chain(e)
-        if disk_error is not None and disk_error is not e:
-            # torch.save reports a failed write as a RuntimeError ("unexpected pos"); the
-            # OSError that says why (e.g. ENOSPC) is its context.
-            raise OSError(disk_error.errno, disk_error.strerror, str(tmp)) from e
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-class _FullWriter:
-    """A binary file whose ``write`` writes everything or raises (a full disk: ENOSPC).
-
-    An unbuffered file may write fewer bytes than asked when the disk fills up and only raise
-    on the next call; writers like ``torch.save`` then fail with a confusing error.
-    """
-
-    def __init__(self, f: Any) -> None:
-        self._f = f
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        size = len(view)
-        while view:
-            view = view[self._f.write(view) :]
-        return size
-
-    def writelines(self, lines: Any) -> None:
-        for line in lines:
-            self.write(line)
-
-    def flush(self) -> None:
-        """Nothing is buffered."""
-
-
-def _os_error_in_chain(e: BaseException | None) -> OSError | None:
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
 
 
 def remove_stale_temp_files(directory: str | Path) -> list[Path]:
@@ -140,7 +89,7 @@ def remove_stale_temp_files(directory: str | Path) -> list[Path]:
     stale = [
         p
         for p in directory.iterdir()
-        if p.name.startswith(".") and p.name.endswith(_TMP_SUFFIX) and p.is_file()
+        if p.name.startswith(".") and p.name.endswith(TMP_SUFFIX) and p.is_file()
     ]
     for p in stale:
         p.unlink(missing_ok=True)
@@ -180,19 +129,54 @@ def warn_if_low_disk(directory: str | Path, bytes_needed: int) -> None:
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Saves a dict of tensors, state dicts and plain Python data atomically.
 
+    Every floating-point tensor in ``state`` (model, EMA, optimizer moments...) must be finite:
+    a checkpoint holding NaN or inf would poison every run resumed from it.
+
     Raises:
+        NonFiniteCheckpointError: A tensor holds NaN or inf (the message names the first one);
+            nothing is written and the checkpoint previously at ``path``, if any, is untouched.
         CheckpointWriteError: The file cannot be written (disk full, no permission...); the
             checkpoint previously at ``path``, if any, is untouched.
     """
     path = Path(path)
+    kept = f"; the previous {path.name} is untouched" if path.exists() else ""
+    bad = _first_nonfinite(state)
+    if bad is not None:
+        key, tensor = bad
+        n_bad = int((~torch.isfinite(tensor)).sum())
+        raise NonFiniteCheckpointError(
+            f"not saving checkpoint {path}: {key} (shape {tuple(tensor.shape)}) holds "
+            f"{n_bad} NaN/inf values{kept}"
+        )
     state = {"format_version": FORMAT_VERSION, **state}
     try:
         atomic_write(path, lambda f: torch.save(state, f))
     except OSError as e:
-        kept = f"; the previous {path.name} is untouched" if path.exists() else ""
         raise CheckpointWriteError(
             f"cannot write checkpoint {path}: {describe_os_error(e)}{kept}"
         ) from e
+
+
+def _first_nonfinite(state: Any) -> tuple[str, torch.Tensor] | None:
+    """The key path and tensor of the first floating tensor holding NaN/inf, or None."""
+    for key, tensor in _tensors(state, ""):
+        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(
+            torch.isfinite(tensor).all()
+        ):
+            return key, tensor
+    return None
+
+
+def _tensors(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key path, tensor) of every tensor nested in dicts, lists and tuples: ``ema/layer.w``."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix or "<state>", obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}/{k}" if prefix else str(k))
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}[{i}]")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -202,11 +186,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     would unpickle arbitrary objects is refused without running them.
 
     Raises:
-        CheckpointError: The file is missing, truncated, corrupt or holds unsafe objects.
+        CheckpointError: The file is missing, not a torch file, truncated, corrupt or holds
+            unsafe objects.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(len(_ZIP_MAGIC))
+    if head != _ZIP_MAGIC:
+        # torch.save writes a zip archive; anything else (random bytes, a plain pickle, a
+        # text file) is not a checkpoint, whatever torch.load's error would suggest.
+        raise CheckpointError(
+            f"{path} is not a checkpoint: not a file written by torch.save (it starts with "
+            f"{head!r}, a torch file with {_ZIP_MAGIC!r})"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -252,15 +246,21 @@ def load_model_state(
 class TopKCheckpoints:
     """Keeps the k best checkpoints of a run by a score (higher is better).
 
-    Files are named ``epoch=EEEE-<metric>=S.SSS.ckpt`` inside ``directory``; the set is
-    rebuilt from the file names, so it survives a resume.
+    Files are named ``epoch_EEEE-<metric>_S.SSS.ckpt`` inside ``directory``: no ``=``, so the
+    path can be pasted into a Hydra override (``scripts/eval.py checkpoint=PATH``). The set is
+    rebuilt from the file names, so it survives a resume; the names of older runs,
+    ``epoch=EEEE-<metric>=S.SSS.ckpt``, are recognised too.
     """
 
     def __init__(self, directory: str | Path, k: int, metric: str = "test_mean_score") -> None:
         self.directory = Path(directory)
         self.k = k
         self.metric = metric
-        self._pattern = re.compile(rf"epoch=(\d+)-{re.escape(metric)}=(-?[\d.]+)\.ckpt$")
+        self._pattern = re.compile(rf"epoch[_=](\d+)-{re.escape(metric)}[_=](-?[\d.]+)\.ckpt$")
+
+    def filename(self, epoch: int, score: float) -> str:
+        """``epoch_0049-test_mean_score_0.691.ckpt``."""
+        return f"epoch_{epoch:04d}-{self.metric}_{score:.3f}.ckpt"
 
     def existing(self) -> list[tuple[float, Path]]:
         """(score, path) of the kept checkpoints, best first."""
@@ -284,7 +284,7 @@ class TopKCheckpoints:
         kept = self.existing()
         if len(kept) >= self.k and score <= kept[-1][0]:
             return None
-        path = self.directory / f"epoch={epoch:04d}-{self.metric}={score:.3f}.ckpt"
+        path = self.directory / self.filename(epoch, score)
         save_checkpoint(path, state)
         for _, old in [sp for sp in kept if sp[1] != path][self.k - 1 :]:
             old.unlink(missing_ok=True)

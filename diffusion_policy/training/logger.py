@@ -16,7 +16,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from diffusion_policy.training.checkpoint import atomic_write, describe_os_error
+from diffusion_policy.training.checkpoint import describe_os_error
+from diffusion_policy.utils.atomic import FILE_MODE, atomic_write
+from diffusion_policy.utils.jsonl import read_jsonl
+
+__all__ = ["WANDB_MODES", "RunLogger", "read_jsonl"]  # read_jsonl is re-exported
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +63,10 @@ class RunLogger:
         if resume_step is not None and self.jsonl_path.exists():
             _truncate_after(self.jsonl_path, resume_step)
         # Raw appends: each record is one write(2) of a whole line, nothing waits in a buffer.
-        self._fd: int | None = os.open(self.jsonl_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        # FILE_MODE (masked by the umask) as open() would: without it os.open uses 0o777.
+        self._fd: int | None = os.open(
+            self.jsonl_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE
+        )
         self._torn = _ends_mid_line(self.jsonl_path)  # a crash left a partial last line
         self._write_failed = False
         self._wandb = None
@@ -139,29 +146,6 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a JSONL log, skipping lines a crash left partial (with a warning).
-
-    Args:
-        path: A ``logs.jsonl`` written by :class:`RunLogger`.
-
-    Returns:
-        One dict per complete record, in file order.
-    """
-    records = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                log.warning(
-                    "%s:%d is not a complete JSON record (skipped): %.60r", path, lineno, line
-                )
-    return records
 
 
 def _ends_mid_line(path: Path) -> bool:

@@ -53,17 +53,38 @@ def test_existing_path_and_env_var(tmp_path, monkeypatch):
     store = tmp_path / "mine.zarr"
     store.mkdir()
     assert download.ensure_pusht(store) == store
+    assert download.ensure_dataset(store) == store
     monkeypatch.setenv(download.PUSHT_ENV, str(store))
-    assert download.ensure_pusht(tmp_path / "absent.zarr", download=False) == store
+    # Only the default location (unset dataset.zarr_path) may fall back to $PUSHT_ZARR.
+    monkeypatch.chdir(tmp_path / "mine.zarr")
+    assert download.ensure_dataset(download.DEFAULT_PUSHT_PATH, download=False) == store
+    assert download.ensure_pusht(download.DEFAULT_PUSHT_PATH, download=False) == store
     with pytest.raises(DatasetNotFoundError, match="other.zarr"):
         download.ensure_dataset(tmp_path / "other.zarr")  # not Push-T: never downloads
+
+
+def test_mistyped_explicit_path_does_not_fall_back_to_env(tmp_path, monkeypatch):
+    store = tmp_path / "real" / download.PUSHT_STORE
+    store.mkdir(parents=True)
+    monkeypatch.setenv(download.PUSHT_ENV, str(store))
+    typo = tmp_path / "reel" / download.PUSHT_STORE
+    with pytest.raises(DatasetNotFoundError) as err:
+        download.ensure_dataset(typo)  # before: silently returned $PUSHT_ZARR's store
+    msg = str(err.value)
+    assert f"dataset.zarr_path='{typo}': no store at {typo}" in msg
+    assert f"PUSHT_ZARR={store} is not used" in msg and "download_pusht.py --dest" in msg
+    with pytest.raises(DatasetNotFoundError, match="not used in place of a path given"):
+        download.ensure_pusht(typo, download=False)
+    assert not typo.parent.exists()  # nothing downloaded or created
 
 
 def test_download_unpacks_file_url(tmp_path, monkeypatch, pusht_zip):
     archive, rb = pusht_zip
     monkeypatch.setattr(download, "PUSHT_URL", archive.as_uri())
-    dest = tmp_path / "out" / download.PUSHT_MEMBER
-    assert download.ensure_dataset(dest) == dest
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path / "out")
+    dest = tmp_path / "out" / download.DEFAULT_PUSHT_PATH  # the default location
+    assert download.ensure_dataset(download.DEFAULT_PUSHT_PATH) == download.DEFAULT_PUSHT_PATH
     got = ReplayBuffer.open(dest)
     np.testing.assert_array_equal(got.episode_ends, rb.episode_ends)
     np.testing.assert_array_equal(got["keypoint"], rb["keypoint"])

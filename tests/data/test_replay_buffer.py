@@ -79,7 +79,7 @@ def test_save_overwrites_atomically(tmp_path, make_replay_buffer, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["buf.zarr"]  # no temp leftovers
 
     def crash(self, p):
-        Path(p).mkdir()
+        (Path(p) / "partial").write_text("x")  # the temporary folder exists already
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(ReplayBuffer, "_write", crash)
