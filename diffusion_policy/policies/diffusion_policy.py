@@ -78,7 +78,7 @@ class DiffusionPolicy(nn.Module):
         )
         self.noise_scheduler = noise_scheduler
         self.num_train_timesteps = int(noise_scheduler.config.num_train_timesteps)
-        self.num_inference_steps = num_inference_steps or self.num_train_timesteps
+        self.num_inference_steps = _check_steps(num_inference_steps) or self.num_train_timesteps
 
         low_dim = {
             k: int(torch.Size(m["shape"]).numel())
@@ -98,8 +98,10 @@ class DiffusionPolicy(nn.Module):
             num_inference_steps: Denoising steps; None keeps the current number.
 
         Raises:
-            ValueError: The scheduler's noise schedule or prediction type differs from training.
+            ValueError: The scheduler's noise schedule or prediction type differs from training,
+                or ``num_inference_steps`` is 0 or less.
         """
+        _check_steps(num_inference_steps)
         old, new = self.noise_scheduler, noise_scheduler
         old_alphas = getattr(old, "alphas_cumprod", None)
         new_alphas = getattr(new, "alphas_cumprod", None)
@@ -261,3 +263,13 @@ class DiffusionPolicy(nn.Module):
             "action": action_pred[:, start : start + self.n_action_steps],
             "action_pred": action_pred,
         }
+
+
+def _check_steps(num_inference_steps: int | None) -> int | None:
+    """Returns ``num_inference_steps`` if it is None or >= 1; 0 must not mean "the default"."""
+    if num_inference_steps is not None and num_inference_steps < 1:
+        raise ValueError(
+            f"num_inference_steps={num_inference_steps} must be >= 1 (or None for the "
+            f"scheduler's number of training steps)"
+        )
+    return num_inference_steps

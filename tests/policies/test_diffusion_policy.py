@@ -137,3 +137,14 @@ def test_denoiser_gets_one_condition_token_per_observation_frame():
     fit_normalizer(policy, batch)
     policy.compute_loss(batch)
     assert seen["cond"] == (2, 3, 20)
+
+
+@pytest.mark.parametrize("steps", [0, -3])
+def test_num_inference_steps_below_one_is_an_error(steps):
+    # Before: 0 silently meant "all training steps" and -3 sampled nothing.
+    with pytest.raises(ValueError, match=rf"num_inference_steps={steps} must be >= 1"):
+        make_policy(num_inference_steps=steps)
+    policy = make_policy(num_inference_steps=4)
+    with pytest.raises(ValueError, match=rf"num_inference_steps={steps} must be >= 1"):
+        policy.set_sampler(DDIMScheduler.from_config(policy.noise_scheduler.config), steps)
+    assert policy.num_inference_steps == 4
