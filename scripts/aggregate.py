@@ -17,24 +17,17 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from diffusion_policy.analysis import plot_lines
+from diffusion_policy.utils.atomic import atomic_write_text
+from diffusion_policy.utils.jsonl import read_jsonl
+
 METRIC = "test/mean_score"
-
-
-def read_records(run_dir: Path) -> list[dict]:
-    """The records of a run's ``logs.jsonl``, skipping a last line cut short by a crash."""
-    records = []
-    for line in (run_dir / "logs.jsonl").read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 def read_run(run_dir: Path, metric: str = METRIC) -> dict | None:
     """The evaluations ``[(epoch, score)]`` and seed of one run folder, or None if it has none."""
     evals = {}
-    for record in read_records(run_dir):
+    for record in read_jsonl(run_dir / "logs.jsonl"):
         if metric in record:
             evals[int(record.get("epoch", record["step"]))] = float(record[metric])
     if not evals:
@@ -74,26 +67,6 @@ def plot(runs: list[dict], path: Path) -> None:
     plot_lines(lines, "epoch", METRIC, path)
 
 
-def plot_lines(lines: dict[str, tuple], xlabel: str, ylabel: str, path: Path) -> None:
-    """Writes a PNG of ``{label: (xs, scores)}``, scores on a 0..1 axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, (xs, ys) in lines.items():
-        ax.plot(xs, ys, marker="o", ms=3, label=label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path)
@@ -108,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no run with {METRIC} evaluations under {args.sweep_dir}", file=sys.stderr)
         return 1
     result = summarize(runs, args.last_n)
-    (args.sweep_dir / "aggregate.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(args.sweep_dir / "aggregate.json", json.dumps(result, indent=2))
     plot(runs, args.sweep_dir / "aggregate.png")
 
     last = f"last{args.last_n}_mean"

@@ -26,12 +26,10 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,34 +40,19 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.flop_counter import FlopCounterMode
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from diffusion_policy.training.builders import build_policy
+from diffusion_policy.training.ema import EMA
+from diffusion_policy.training.optim import build_optimizer
+from diffusion_policy.training.precision import autocast
+from diffusion_policy.utils.atomic import atomic_write_text
+from diffusion_policy.utils.timing import summary, timed
 
-from diffusion_policy.training.builders import build_policy  # noqa: E402
-from diffusion_policy.training.ema import EMA  # noqa: E402
-from diffusion_policy.training.optim import build_optimizer  # noqa: E402
-from diffusion_policy.training.precision import autocast  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]  # for configs/ and train.py
 
 EXPERIMENTS = {"keypoint": "pusht_lowdim", "image": "pusht"}
 PARTS = ("step", "loader", "latency", "rollout", "rss")
 SAMPLERS = (("ddpm", 100), ("ddim", 16), ("dpmsolver", 4))
 QUICK = ["+debug=fast"]  # tiny models and runs
-
-
-def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
-    """Seconds of each of ``repeats`` calls of ``fn``, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def summary(times: list[float]) -> dict[str, float]:
-    return {"min": min(times), "median": statistics.median(times)}
 
 
 def compose_cfg(experiment: str, overrides: list[str]) -> Any:
@@ -282,7 +265,7 @@ def main() -> None:
     print("| figure | min / median |\n| --- | --- |")
     for name, value in rows:
         print(f"| {name} | {value} |")
-    args.out.write_text(json.dumps(results, indent=2))
+    atomic_write_text(args.out, json.dumps(results, indent=2))
     print(f"\nfigures: {args.out}")
 
 

@@ -10,11 +10,10 @@ import logging
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # Runs from a checkout without `pip install -e .`.
+from diffusion_policy.data.download import PUSHT_MEMBER, PUSHT_URL, ensure_pusht
+from diffusion_policy.data.errors import DatasetError
 
-from diffusion_policy.data.download import PUSHT_MEMBER, PUSHT_URL, ensure_pusht  # noqa: E402
-from diffusion_policy.data.errors import DatasetError  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:

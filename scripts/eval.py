@@ -6,58 +6,53 @@
 Another ``noise_scheduler`` replaces the trained one for sampling only: it keeps the trained
 noise schedule and prediction type (see :func:`sampling_scheduler`), so any scheduler config of
 ``configs/noise_scheduler`` applies to any checkpoint.
+
+A checkpoint path containing ``=`` (top-k files of older runs: ``epoch=0049-...=0.691.ckpt``)
+is quoted for Hydra by this script; elsewhere quote it yourself:
+``'checkpoint="outputs/run/checkpoints/epoch=0049-test_mean_score=0.691.ckpt"'``.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from diffusion_policy.training.builders import load_policy  # noqa: E402
+from diffusion_policy.training.sampling import sampling_scheduler
 from diffusion_policy.training.stored_config import (  # noqa: E402
-    check_targets,
     instantiate_stored,
 )
+from diffusion_policy.utils.atomic import atomic_write_text
 
-# Scheduler settings that define what the denoiser was trained on; a sampling scheduler keeps
-# the checkpoint's values. Everything else (the class, clipping, solver order) is a sampling
-# choice.
-TRAINED_KEYS = (
-    "num_train_timesteps",
-    "beta_start",
-    "beta_end",
-    "beta_schedule",
-    "trained_betas",
-    "prediction_type",
-)
+__all__ = ["main", "quote_checkpoint_override", "sampling_scheduler"]
 
 
-def sampling_scheduler(trained: Mapping[str, Any], requested: Mapping[str, Any]) -> Any:
-    """Instantiates the ``requested`` scheduler config on the ``trained`` one's noise schedule.
+def quote_checkpoint_override(args: list[str]) -> list[str]:
+    """Quotes the value of a ``checkpoint=PATH`` argument that holds ``=``, for Hydra.
+
+    Hydra's override grammar refuses ``=`` in an unquoted value, so a pasted path like
+    ``checkpoint=run/epoch=0049-test_mean_score=0.691.ckpt`` would fail to parse.
 
     Args:
-        trained: The checkpoint's ``noise_scheduler`` config.
-        requested: A ``noise_scheduler`` config, e.g. ``configs/noise_scheduler/ddim.yaml``.
+        args: Command-line arguments (without the program name).
 
     Returns:
-        The diffusers scheduler.
+        ``args`` with such a value put in quotes; other arguments unchanged.
     """
-    cfg = OmegaConf.to_container(OmegaConf.create(dict(requested)), resolve=True)
-    trained = OmegaConf.to_container(OmegaConf.create(dict(trained)), resolve=True)
-    stored = {k: trained[k] for k in TRAINED_KEYS if k in trained}
-    check_targets(stored, "noise_scheduler")  # values from the checkpoint build nothing else
-    cfg.update(stored)
-    return instantiate(cfg)
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if key == "checkpoint" and sep and "=" in value and value[:1] not in ("'", '"'):
+            quote = next((q for q in ('"', "'") if q not in value and "\\" not in value), None)
+            if quote is not None:
+                arg = f"{key}={quote}{value}{quote}"
+        out.append(arg)
+    return out
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
@@ -98,11 +93,12 @@ def main(cfg: DictConfig) -> None:
         "videos": [str(v) for v in result.get("videos", [])],
     }
     path = out_dir / "eval_results.json"
-    path.write_text(json.dumps(report, indent=2))
+    atomic_write_text(path, json.dumps(report, indent=2))  # complete or absent, even if killed
     for key, value in summary.items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     print(f"per-seed results: {path}")
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = quote_checkpoint_override(sys.argv[1:])
     main()

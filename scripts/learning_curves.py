@@ -13,9 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from aggregate import plot_lines, read_records  # noqa: E402
+from diffusion_policy.analysis import plot_lines
+from diffusion_policy.utils.atomic import atomic_write_text
+from diffusion_policy.utils.jsonl import read_jsonl
 
 SCORE, SUCCESS, MINUTES = "test/mean_score", "test/success_rate", "train/minutes"
 
@@ -29,7 +29,7 @@ def read_curve(run_dir: Path) -> list[dict[str, float]]:
             "score": r[SCORE],
             "success": r.get(SUCCESS, float("nan")),
         }
-        for r in read_records(run_dir)
+        for r in read_jsonl(run_dir / "logs.jsonl")
         if SCORE in r and MINUTES in r
     ]
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot(curves, args.out.with_suffix(".png"))
     table = markdown(curves)
-    args.out.with_suffix(".md").write_text(table)
+    atomic_write_text(args.out.with_suffix(".md"), table)
     print(table)
     return 0
 

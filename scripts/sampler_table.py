@@ -23,15 +23,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
+from diffusion_policy.policies.diffusion_policy import DiffusionPolicy
+from diffusion_policy.training.builders import load_policy
+from diffusion_policy.training.sampling import sampling_scheduler
+from diffusion_policy.utils.atomic import atomic_write_text
+from diffusion_policy.utils.timing import timed
 
-from bench import timed  # noqa: E402
-from eval import sampling_scheduler  # noqa: E402
-
-from diffusion_policy.policies.diffusion_policy import DiffusionPolicy  # noqa: E402
-from diffusion_policy.training.builders import load_policy  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]  # for configs/
 
 DEFAULT_SETTINGS = ["ddpm:100", "ddim:16", "ddim:8", "ddim:4", "dpmsolver:8", "dpmsolver:4"]
 SCHEDULER_NAMES = {
@@ -117,7 +115,7 @@ def main() -> None:
         "rows": rows,
     }
     out = args.out or args.checkpoint.with_suffix(".sampler_table.json")
-    out.write_text(json.dumps(report, indent=2))
+    atomic_write_text(out, json.dumps(report, indent=2))
 
     print("| Sampler | Steps | Mean score | Success rate | Latency / chunk (ms) |")
     print("|---|---:|---:|---:|---:|")

@@ -1,11 +1,11 @@
+import importlib.util
 import json
-import sys
 from pathlib import Path
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
-sys.path.insert(0, str(SCRIPTS))
-
-import learning_curves  # noqa: E402
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "learning_curves.py"
+spec = importlib.util.spec_from_file_location("learning_curves", SCRIPT)
+learning_curves = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(learning_curves)
 
 
 def _fake_run(folder: Path, points: list[tuple[float, float]]) -> None:
