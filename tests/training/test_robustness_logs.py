@@ -66,3 +66,18 @@ def test_short_write_does_not_glue_records(tmp_path, monkeypatch):
     logger.log({"train/loss": 0.25}, step=3)
     logger.finish()
     assert [r["step"] for r in read_jsonl(tmp_path / "logs.jsonl")] == [1, 3]
+
+
+def test_log_files_are_not_executable(tmp_path):
+    # Before: os.open without a mode created logs.jsonl 0o777 & ~umask (0o755), unlike the
+    # checkpoints (0o600); now every file is 0o666 & ~umask, like open() makes it.
+    old = os.umask(0o022)
+    try:
+        _log_steps(tmp_path, [1]).finish()
+        rewritten = tmp_path / "resumed"  # a resume rewrites the log (atomic_write: was 0o600)
+        _log_steps(rewritten, [1, 2, 3]).finish()
+        _log_steps(rewritten, [3], resume=True, resume_step=2).finish()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "logs.jsonl").stat().st_mode & 0o777 == 0o644
+    assert (rewritten / "logs.jsonl").stat().st_mode & 0o777 == 0o644
