@@ -86,6 +86,11 @@ class SequenceDataset(Dataset):
         buffer = ReplayBuffer.open(
             zarr_path, keys=zarr_keys, dtypes=self.load_dtypes, shapes=self.zarr_shapes
         )
+        if buffer.n_episodes == 0:
+            raise DatasetError(
+                f"zarr store {zarr_path} has no episodes (meta/episode_ends is empty): "
+                f"nothing to train on"
+            )
         self.arrays: dict[str, np.ndarray] = {}
         for name, f in fields.items():
             arr = buffer[f.zarr_key] if f.transform is None else f.transform(buffer[f.zarr_key])
@@ -93,11 +98,6 @@ class SequenceDataset(Dataset):
                 arr = arr.astype(np.float32, copy=False)
             self.arrays[name] = np.ascontiguousarray(arr)
         self.episode_ends = buffer.episode_ends
-        if not len(self.episode_ends):
-            raise DatasetError(
-                f"zarr store {zarr_path} has no episodes (meta/episode_ends is empty): "
-                f"nothing to train on"
-            )
         self.horizon = horizon
         self.n_obs_steps = n_obs_steps
         self.n_action_steps = n_action_steps
