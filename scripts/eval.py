@@ -22,11 +22,9 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_policy.training.builders import load_policy  # noqa: E402
+from diffusion_policy.training.builders import load_policy
 from diffusion_policy.training.sampling import sampling_scheduler
-from diffusion_policy.training.stored_config import (  # noqa: E402
-    instantiate_stored,
-)
+from diffusion_policy.training.stored_config import instantiate_stored
 from diffusion_policy.utils.atomic import atomic_write_text
 
 __all__ = ["main", "quote_checkpoint_override", "sampling_scheduler"]

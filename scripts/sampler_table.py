@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from diffusion_policy.policies.diffusion_policy import DiffusionPolicy
 from diffusion_policy.training.builders import load_policy
 from diffusion_policy.training.sampling import sampling_scheduler
+from diffusion_policy.training.stored_config import instantiate_stored
 from diffusion_policy.utils.atomic import atomic_write_text
 from diffusion_policy.utils.timing import timed
 
@@ -85,7 +85,7 @@ def main() -> None:
     runner_cfg = OmegaConf.merge(
         train_cfg.env_runner, {"n_test": args.n_test, "n_train": 0, "n_videos": 0}
     )
-    runner = instantiate(runner_cfg, output_dir=None)
+    runner = instantiate_stored(runner_cfg, "env_runner", output_dir=None)  # from the file
 
     rows: list[dict[str, Any]] = []
     for name, steps in settings:
