@@ -59,3 +59,18 @@ def make_replay_buffer() -> Callable[..., ReplayBuffer]:
 def tiny_pusht_zarr(tmp_path: Path, make_replay_buffer: Callable[..., ReplayBuffer]) -> Path:
     """A saved Push-T-shaped store (episodes of 20, 25, 30, 35 steps) in ``tmp_path``."""
     return make_replay_buffer((20, 25, 30, 35)).save(tmp_path / "tiny_pusht.zarr")
+
+
+@pytest.fixture(scope="session")
+def tiny_pusht_all_zarr(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store with every Push-T key, images included, for the keypoint and image datasets."""
+    buffer = ReplayBuffer.create_empty()
+    start = 0
+    for n in (20, 25, 30, 35):
+        t = np.arange(start, start + n, dtype=np.float32)
+        shapes = {**PUSHT_SHAPES, "img": (96, 96, 3)}
+        buffer.add_episode(
+            {k: np.broadcast_to(t.reshape(-1, *[1] * len(s)), (n, *s)) for k, s in shapes.items()}
+        )
+        start += n
+    return buffer.save(tmp_path_factory.mktemp("store") / "tiny_pusht_all.zarr")

@@ -123,7 +123,7 @@ def _compose(overrides: list[str]) -> DictConfig:
 
 
 @settings(
-    max_examples=30,
+    max_examples=12,
     deadline=None,  # Trainer builds vary with machine load; _no_hang catches real hangs
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import submitit
 import yaml
 from hydra import compose, initialize_config_dir
@@ -41,6 +42,7 @@ def _configs(sweep: Path) -> dict[str, dict]:
     return {p.parent.name: yaml.safe_load(p.read_text()) for p in sweep.glob("*/config.yaml")}
 
 
+@pytest.mark.slow
 def test_seed_sweep_then_aggregate(pusht_zarr_path, tmp_path):
     sweep = tmp_path / "multirun" / "2026-11-25" / "10-00-00_pusht_lowdim"
     out = _multirun(sweep, pusht_zarr_path, "seed=1,2", "trainer.rollout_every=1")
@@ -64,6 +66,7 @@ def test_seed_sweep_then_aggregate(pusht_zarr_path, tmp_path):
     assert "mean ± std (2 seeds)" in out.stdout
 
 
+@pytest.mark.slow
 def test_optuna_search_of_two_trials(pusht_zarr_path, tmp_path):
     sweep = tmp_path / "optuna"
     out = _multirun(sweep, pusht_zarr_path, "+sweep=optuna", "hydra.sweeper.n_trials=2")

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_bench_quick_reports_every_figure(pusht_zarr_path, tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "PUSHT_ZARR": str(pusht_zarr_path), "OMP_NUM_THREADS": "1"}

@@ -47,6 +47,7 @@ def test_fused_adamw_matches_the_per_tensor_loop():
     torch.testing.assert_close(fused, plain, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_denoiser_matches_eager_loss_gradients_and_actions():
     """Tolerance 1e-4 relative: inductor reorders float32 reductions."""
     eager, batch = _policy_and_batch()
@@ -92,6 +93,7 @@ def test_bf16_detection_reads_cpu_flags():
     assert not cpu_has_bf16_math("flags\t: fpu avx2 fma avx512f avx512_vnni")
 
 
+@pytest.mark.slow
 def test_trainer_compiles_the_denoiser_and_checkpoints_plain_names(pusht_zarr_path, tmp_path):
     cfg = debug_cfg(
         pusht_zarr_path,

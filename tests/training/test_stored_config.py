@@ -38,14 +38,20 @@ HOSTILE = {
     "target in a list": ("denoiser", {"down_dims": [16, TOUCH]}),
     "diffusers loader": (
         "noise_scheduler",
-        {"_target_": "diffusers.DDPMScheduler.from_pretrained", "pretrained_model_name_or_path": "x"},
+        {
+            "_target_": "diffusers.DDPMScheduler.from_pretrained",
+            "pretrained_model_name_or_path": "x",
+        },
     ),
     "name a project module imports": (
         "encoder",
         {"_target_": "diffusion_policy.envs.runner.partial", "_args_": [TOUCH]},
     ),
-    "project function": ("encoder", {"_target_": "diffusion_policy.training.checkpoint.atomic_write"}),
-    "private project class": ("encoder", {"_target_": "diffusion_policy.envs.runner._FailSafe"}),
+    "project function": (
+        "encoder",
+        {"_target_": "diffusion_policy.training.checkpoint.atomic_write"},
+    ),
+    "private project class": ("encoder", {"_target_": "diffusion_policy.envs.runner._Stats"}),
 }
 
 
