@@ -1,0 +1,51 @@
+"""The BlockPush low-dim dataset over the oracle's demonstration store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from diffusion_policy.data.keys import ACTION, OBS
+from diffusion_policy.data.sequence_dataset import Field, SequenceDataset
+
+DEFAULT_BLOCKPUSH_PATH = Path("data") / "blockpush" / "blockpush_oracle.zarr"
+
+
+class BlockPushLowdimDataset(SequenceDataset):
+    """BlockPush with the env's 16-value observation and 2-D relative actions (metres).
+
+    Samples: ``{"obs": {"obs": (To, 16)}, "action": (T, 2)}``, float32; the observation key is
+    ``"obs"``, the one the rollout runner gives a non-dict observation. A store that is absent is
+    generated first with the scripted oracle (``generate_episodes`` episodes from seed
+    ``generate_seed``; minutes for 1,000). See :class:`SequenceDataset` for the other arguments.
+    """
+
+    obs_fields: ClassVar[dict[str, Field]] = {OBS: Field("obs")}
+    zarr_shapes: ClassVar[dict[str, tuple[int | None, ...]]] = {"obs": (16,), ACTION: (2,)}
+
+    def __init__(
+        self,
+        zarr_path: str = str(DEFAULT_BLOCKPUSH_PATH),
+        horizon: int = 16,
+        n_obs_steps: int = 2,
+        n_action_steps: int = 8,
+        val_ratio: float = 0.02,
+        seed: int = 42,
+        max_train_episodes: int | None = None,
+        generate_episodes: int = 1000,
+        generate_seed: int = 0,
+    ) -> None:
+        if not Path(zarr_path).expanduser().exists():
+            # Imported here: only generating needs the simulator (pybullet).
+            from diffusion_policy.envs.blockpush_oracle import ensure_blockpush_dataset
+
+            ensure_blockpush_dataset(zarr_path, n_episodes=generate_episodes, seed=generate_seed)
+        super().__init__(
+            zarr_path,
+            horizon=horizon,
+            n_obs_steps=n_obs_steps,
+            n_action_steps=n_action_steps,
+            val_ratio=val_ratio,
+            seed=seed,
+            max_train_episodes=max_train_episodes,
+        )

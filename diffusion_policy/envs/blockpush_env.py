@@ -1,0 +1,356 @@
+"""BlockPush: an xArm6 pushes two blocks into two target zones, on pybullet (headless).
+
+The paper's multimodal BlockPush task (Implicit BC's setting, see ``docs/tasks.md``), built here
+from scratch on pybullet in DIRECT mode:
+
+- a table (plane) and an xArm6 at the origin whose end effector is a vertical cylinder pusher
+  moving in the table plane, 6 cm above it (its flange);
+- two 4 cm cube blocks (red, block 0; blue, block 1) and two flat target zones (visual markers,
+  no collision);
+- control at 10 Hz: an action moves the effector *target* by (dx, dy) metres, each within
+  [-0.1, 0.1]; the physics then runs :data:`SUBSTEPS` fixed substeps of 1/240 s.
+
+How the effector moves: the pusher cylinder is a dynamic rigid body held by a fixed constraint
+whose pivot slides linearly from the old target to the new one over the substeps, with a capped
+force; so it pushes the blocks through real contacts and is stopped by them. The arm follows the
+pusher by inverse kinematics once per control step, kinematically (its joints are set, its links
+have no collisions): full position control of six joints through contacts was slower and less
+stable, and the arm plays no part in the pushing.
+
+Observation (16 float32, the paper's order): block 0 x, y, yaw; block 1 x, y, yaw; effector x, y;
+effector target x, y; zone 0 x, y, yaw; zone 1 x, y, yaw. Metres and radians, robot base frame.
+
+Reward: 0.49 at the first step any block is in any zone (its centre within :data:`ZONE_RADIUS` of
+the zone's centre), and 0.51 at each step both blocks are in different zones, which ends the
+episode (``terminated``; ``info["is_success"]``). ``info`` also says which zone each block is in
+and which block entered a zone first (the modes the scorer counts).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pybullet as pb
+import pybullet_data
+from gymnasium import spaces
+
+# Workspace of the effector (target), metres in the robot base frame.
+WORKSPACE_X = (0.15, 0.7)
+WORKSPACE_Y = (-0.5, 0.5)
+MAX_MOVE = 0.1  # metres per step in x and in y
+CONTROL_HZ = 10
+PHYSICS_HZ = 240
+SUBSTEPS = PHYSICS_HZ // CONTROL_HZ
+MAX_EPISODE_STEPS = 350
+
+ZONE_RADIUS = 0.05  # a block whose centre is this close to a zone's centre is in it
+FIRST_REWARD = 0.49  # the first time any block enters any zone
+BOTH_REWARD = 0.51  # both blocks in different zones
+
+BLOCK_SIZE = 0.04  # cube side
+BLOCK_MASS = 0.1
+PUSHER_RADIUS = 0.0125
+PUSHER_LENGTH = 0.05
+EFFECTOR_HEIGHT = 0.06  # the flange; the cylinder hangs from it down to 1 cm above the table
+PUSHER_MAX_FORCE = 20.0  # newtons the constraint may use to drag the pusher to its target
+EFFECTOR_START = (0.2, 0.0)
+
+# Initial layout: blocks in a near band, zones in a far band, kept apart so the task is well-posed.
+BLOCK_X, BLOCK_Y = (0.3, 0.42), (-0.3, 0.3)
+ZONE_X, ZONE_Y = (0.52, 0.64), (-0.3, 0.3)
+MIN_BLOCK_GAP = 0.15  # between the blocks' centres
+MIN_ZONE_GAP = 0.22  # between the zones' centres
+MIN_BLOCK_ZONE_GAP = 0.14  # between any block and any zone
+
+BLOCK_COLORS = ((0.85, 0.15, 0.15, 1.0), (0.15, 0.3, 0.85, 1.0))
+ZONE_COLORS = ((0.95, 0.85, 0.3, 1.0), (0.4, 0.85, 0.4, 1.0))
+ZONE_SIDE = 0.1  # the marker's side (a square, for looks: "in" is the 5 cm radius)
+
+OBS_DIM = 16
+# Observation indices (FACTS: x at 0, 3, 6, 8, 10, 13; y at 1, 4, 7, 9, 11, 14).
+BLOCK_XY = ((0, 1), (3, 4))
+EFFECTOR_XY = (6, 7)
+TARGET_XY = (8, 9)
+ZONE_XY = ((10, 11), (13, 14))
+INFO_KEYS = ("block0_zone", "block1_zone", "first_block", "first_zone", "is_success")
+
+
+def wrap_angle(angle: float) -> float:
+    """An angle in radians wrapped to [-pi, pi)."""
+    return (angle + math.pi) % (2 * math.pi) - math.pi
+
+
+def sample_layout(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Draws block and zone poses, apart as the ``MIN_*_GAP`` constants say (rejection sampling).
+
+    Returns:
+        ``{"blocks": (2, 3), "zones": (2, 3)}`` x, y, yaw.
+    """
+    for _ in range(10_000):
+        blocks = np.stack([rng.uniform(*BLOCK_X, 2), rng.uniform(*BLOCK_Y, 2)], axis=1)  # (2, 2)
+        zones = np.stack([rng.uniform(*ZONE_X, 2), rng.uniform(*ZONE_Y, 2)], axis=1)  # (2, 2)
+        yaws = rng.uniform(-math.pi, math.pi, 4)  # (4,)
+        gaps = np.linalg.norm(blocks[:, None] - zones[None], axis=-1)  # (2, 2)
+        if (
+            np.linalg.norm(blocks[0] - blocks[1]) >= MIN_BLOCK_GAP
+            and np.linalg.norm(zones[0] - zones[1]) >= MIN_ZONE_GAP
+            and gaps.min() >= MIN_BLOCK_ZONE_GAP
+        ):
+            return {
+                "blocks": np.concatenate([blocks, yaws[:2, None]], axis=1),
+                "zones": np.concatenate([zones, yaws[2:, None]], axis=1),
+            }
+    raise RuntimeError("could not sample a BlockPush layout in 10000 draws; check the ranges")
+
+
+class BlockPushEnv(gym.Env):
+    """Two blocks, two zones, an xArm6 pusher; see the module docstring for the whole setting.
+
+    ``reset(seed=s)`` rebuilds the world and draws the layout from ``s`` (same seed, same
+    episode: the physics is deterministic). ``step(action)`` takes ``(dx, dy)`` metres, clipped to
+    [-0.1, 0.1]; the target is kept in the workspace. Episodes end on success (``terminated``);
+    use ``max_episode_steps`` of :func:`make_blockpush_env` or the runner's ``max_steps`` for the
+    350-step limit.
+
+    Args:
+        render_size: Side in pixels of the frames :meth:`render` returns (TinyRenderer).
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": CONTROL_HZ}
+
+    def __init__(self, render_size: int = 96) -> None:
+        if render_size < 1:
+            raise ValueError(f"render_size={render_size} must be positive")
+        self.render_mode = "rgb_array"
+        self.render_size = render_size
+        self.observation_space = spaces.Box(-np.inf, np.inf, shape=(OBS_DIM,), dtype=np.float32)
+        self.action_space = spaces.Box(-MAX_MOVE, MAX_MOVE, shape=(2,), dtype=np.float32)
+        self._client = pb.connect(pb.DIRECT)
+        self._layout: dict[str, np.ndarray] | None = None
+        self._target = np.array(EFFECTOR_START, dtype=np.float64)
+        self._first_block = -1
+        self._first_zone = -1
+
+    # -- gym API ----------------------------------------------------------------------------
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Starts an episode with a layout drawn from ``seed`` (or the env's generator)."""
+        super().reset(seed=seed)
+        self._layout = sample_layout(self.np_random)
+        self._build_world(self._layout)
+        self._target = np.array(EFFECTOR_START, dtype=np.float64)
+        self._first_block, self._first_zone = -1, -1
+        self._follow_with_arm()
+        return self._obs(), self._info(self._block_zones())
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        """Moves the effector target by ``action`` (dx, dy) and runs 0.1 s of physics."""
+        if self._layout is None:
+            raise RuntimeError("call reset() before step()")
+        action = np.asarray(action, dtype=np.float64)
+        if action.shape != (2,):
+            raise ValueError(f"action must have shape (2,), got {action.shape}")
+        start = self._target.copy()
+        self._target = np.clip(
+            start + np.clip(action, -MAX_MOVE, MAX_MOVE),
+            [WORKSPACE_X[0], WORKSPACE_Y[0]],
+            [WORKSPACE_X[1], WORKSPACE_Y[1]],
+        )
+        for k in range(1, SUBSTEPS + 1):  # the pivot slides to the target over the step
+            pivot = start + (self._target - start) * (k / SUBSTEPS)
+            pb.changeConstraint(
+                self._grip,
+                jointChildPivot=[*pivot, self._pusher_z],
+                maxForce=PUSHER_MAX_FORCE,
+                physicsClientId=self._client,
+            )
+            pb.stepSimulation(physicsClientId=self._client)
+        self._follow_with_arm()
+        zones = self._block_zones()
+        reward = 0.0
+        if self._first_block < 0 and max(zones) >= 0:
+            self._first_block = 0 if zones[0] >= 0 else 1
+            self._first_zone = zones[self._first_block]
+            reward += FIRST_REWARD
+        success = min(zones) >= 0 and zones[0] != zones[1]
+        if success:
+            reward += BOTH_REWARD
+        return self._obs(), reward, success, False, self._info(zones)
+
+    def render(self) -> np.ndarray:
+        """An (H, W, 3) uint8 frame from above the workspace (pybullet's TinyRenderer)."""
+        size = self.render_size
+        view = pb.computeViewMatrix(
+            cameraEyePosition=[0.42, 0.0, 1.0],  # straight above the blocks and zones
+            cameraTargetPosition=[0.42, 0.0, 0.0],
+            cameraUpVector=[-1.0, 0.0, 0.0],  # the robot at the top of the frame
+            physicsClientId=self._client,
+        )
+        proj = pb.computeProjectionMatrixFOV(
+            fov=45.0, aspect=1.0, nearVal=0.05, farVal=2.0, physicsClientId=self._client
+        )
+        _, _, rgba, _, _ = pb.getCameraImage(
+            size,
+            size,
+            viewMatrix=view,
+            projectionMatrix=proj,
+            renderer=pb.ER_TINY_RENDERER,
+            physicsClientId=self._client,
+        )
+        return np.asarray(rgba, dtype=np.uint8).reshape(size, size, 4)[..., :3].copy()
+
+    def close(self) -> None:
+        if self._client is not None and pb.isConnected(self._client):
+            pb.disconnect(self._client)
+        self._client = None
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def layout(self) -> dict[str, np.ndarray]:
+        """The episode's initial ``{"blocks": (2, 3), "zones": (2, 3)}`` poses (x, y, yaw)."""
+        if self._layout is None:
+            raise RuntimeError("call reset() first")
+        return {k: v.copy() for k, v in self._layout.items()}
+
+    def block_poses(self) -> np.ndarray:
+        """(2, 3) x, y, yaw of the blocks now."""
+        poses = []
+        for body in self._blocks:
+            pos, orn = pb.getBasePositionAndOrientation(body, physicsClientId=self._client)
+            yaw = pb.getEulerFromQuaternion(orn, physicsClientId=self._client)[2]
+            poses.append([pos[0], pos[1], wrap_angle(yaw)])
+        return np.array(poses)
+
+    def effector_xy(self) -> np.ndarray:
+        """(2,) x, y of the pusher now."""
+        pos, _ = pb.getBasePositionAndOrientation(self._pusher, physicsClientId=self._client)
+        return np.array(pos[:2])
+
+    # -- internals ---------------------------------------------------------------------------
+    def _build_world(self, layout: dict[str, np.ndarray]) -> None:
+        """Rebuilds the scene from scratch, so an episode does not depend on the previous one."""
+        c = self._client
+        pb.resetSimulation(physicsClientId=c)
+        pb.setAdditionalSearchPath(pybullet_data.getDataPath(), physicsClientId=c)
+        pb.setGravity(0, 0, -9.81, physicsClientId=c)
+        pb.setPhysicsEngineParameter(fixedTimeStep=1.0 / PHYSICS_HZ, physicsClientId=c)
+        plane = pb.loadURDF("plane.urdf", physicsClientId=c)
+        pb.changeDynamics(plane, -1, lateralFriction=0.5, physicsClientId=c)
+        self._arm = pb.loadURDF("xarm/xarm6_robot.urdf", useFixedBase=True, physicsClientId=c)
+        self._arm_joints = [
+            j
+            for j in range(pb.getNumJoints(self._arm, physicsClientId=c))
+            if pb.getJointInfo(self._arm, j, physicsClientId=c)[2] == pb.JOINT_REVOLUTE
+        ]
+        self._flange = self._arm_joints[-1]
+        for link in range(-1, pb.getNumJoints(self._arm, physicsClientId=c)):
+            pb.setCollisionFilterGroupMask(self._arm, link, 0, 0, physicsClientId=c)
+
+        half = BLOCK_SIZE / 2
+        box = pb.createCollisionShape(pb.GEOM_BOX, halfExtents=[half] * 3, physicsClientId=c)
+        self._blocks = []
+        for (x, y, yaw), color in zip(layout["blocks"], BLOCK_COLORS, strict=True):
+            look = pb.createVisualShape(
+                pb.GEOM_BOX, halfExtents=[half] * 3, rgbaColor=color, physicsClientId=c
+            )
+            body = pb.createMultiBody(
+                BLOCK_MASS,
+                box,
+                look,
+                basePosition=[x, y, half],
+                baseOrientation=pb.getQuaternionFromEuler([0, 0, yaw]),
+                physicsClientId=c,
+            )
+            pb.changeDynamics(body, -1, lateralFriction=0.5, physicsClientId=c)
+            self._blocks.append(body)
+        for (x, y, yaw), color in zip(layout["zones"], ZONE_COLORS, strict=True):
+            look = pb.createVisualShape(
+                pb.GEOM_BOX,
+                halfExtents=[ZONE_SIDE / 2, ZONE_SIDE / 2, 0.0005],
+                rgbaColor=color,
+                physicsClientId=c,
+            )
+            pb.createMultiBody(
+                0,
+                -1,
+                look,
+                basePosition=[x, y, 0.0005],
+                baseOrientation=pb.getQuaternionFromEuler([0, 0, yaw]),
+                physicsClientId=c,
+            )
+
+        self._pusher_z = EFFECTOR_HEIGHT - PUSHER_LENGTH / 2
+        shape = pb.createCollisionShape(
+            pb.GEOM_CYLINDER, radius=PUSHER_RADIUS, height=PUSHER_LENGTH, physicsClientId=c
+        )
+        look = pb.createVisualShape(
+            pb.GEOM_CYLINDER,
+            radius=PUSHER_RADIUS,
+            length=PUSHER_LENGTH,
+            rgbaColor=(0.2, 0.2, 0.2, 1.0),
+            physicsClientId=c,
+        )
+        start = [*EFFECTOR_START, self._pusher_z]
+        self._pusher = pb.createMultiBody(0.5, shape, look, basePosition=start, physicsClientId=c)
+        pb.changeDynamics(self._pusher, -1, lateralFriction=0.2, physicsClientId=c)
+        self._grip = pb.createConstraint(
+            self._pusher, -1, -1, -1, pb.JOINT_FIXED, [0, 0, 0], [0, 0, 0], start,
+            physicsClientId=c,
+        )  # fmt: skip
+        pb.changeConstraint(self._grip, maxForce=PUSHER_MAX_FORCE, physicsClientId=c)
+
+    def _follow_with_arm(self) -> None:
+        """Sets the arm's joints so its flange is above the pusher, pointing down (IK)."""
+        x, y = self.effector_xy()
+        joints = pb.calculateInverseKinematics(
+            self._arm,
+            self._flange,
+            [x, y, EFFECTOR_HEIGHT],
+            pb.getQuaternionFromEuler([math.pi, 0.0, 0.0]),
+            maxNumIterations=20,
+            physicsClientId=self._client,
+        )
+        for j, q in zip(self._arm_joints, joints, strict=False):
+            pb.resetJointState(self._arm, j, q, physicsClientId=self._client)
+
+    def _block_zones(self) -> list[int]:
+        """The zone each block is in (its closest zone, within ``ZONE_RADIUS``), -1 if none."""
+        zones = self._layout["zones"][:, :2]  # (2, 2)
+        out = []
+        for xy in self.block_poses()[:, :2]:
+            dist = np.linalg.norm(zones - xy, axis=1)  # (2,)
+            nearest = int(np.argmin(dist))
+            out.append(nearest if dist[nearest] < ZONE_RADIUS else -1)
+        return out
+
+    def _obs(self) -> np.ndarray:
+        blocks = self.block_poses()  # (2, 3)
+        zones = self._layout["zones"]  # (2, 3)
+        obs = np.concatenate([blocks[0], blocks[1], self.effector_xy(), self._target, *zones])
+        return obs.astype(np.float32)  # (16,)
+
+    def _info(self, zones: list[int]) -> dict[str, Any]:
+        return {
+            "block0_zone": int(zones[0]),
+            "block1_zone": int(zones[1]),
+            "first_block": int(self._first_block),
+            "first_zone": int(self._first_zone),
+            "is_success": bool(min(zones) >= 0 and zones[0] != zones[1]),
+        }
+
+
+def make_blockpush_env(render_size: int = 96, max_episode_steps: int | None = None) -> gym.Env:
+    """Builds a :class:`BlockPushEnv`; picklable arguments, so usable as a vector-env factory.
+
+    Args:
+        render_size: Side in pixels of :meth:`BlockPushEnv.render` frames.
+        max_episode_steps: Truncate episodes after this many steps (TimeLimit) if given.
+    """
+    env: gym.Env = BlockPushEnv(render_size=render_size)
+    if max_episode_steps is not None:
+        env = gym.wrappers.TimeLimit(env, max_episode_steps=max_episode_steps)
+    return env
