@@ -1,0 +1,76 @@
+"""BlockPush experiments compose and instantiate; a tiny training run logs test/p1 and p2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from diffusion_policy.envs.blockpush_oracle import generate_blockpush
+from diffusion_policy.training.builders import build_policy
+from diffusion_policy.training.optim import build_optimizer
+from diffusion_policy.training.trainer import Trainer
+from tests.helpers import CONFIG_DIR, debug_cfg
+
+EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("blockpush*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("blockpush") / "tiny.zarr"
+    generate_blockpush(path, n_episodes=4, seed=0, progress=False)
+    return path
+
+
+def _compose(overrides: list[str]):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def test_the_three_experiments_exist():
+    assert EXPERIMENTS == [
+        "blockpush_lowdim",
+        "blockpush_lowdim_cpu",
+        "blockpush_lowdim_transformer",
+    ]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_instantiates(experiment, store, tmp_path):
+    cfg = _compose([f"+experiment={experiment}", f"dataset.zarr_path={store}"])
+    assert cfg.name == experiment
+    dataset = instantiate(cfg.dataset)
+    policy = build_policy(cfg, dataset.shape_meta)
+    assert policy.horizon == cfg.horizon == 16
+    assert build_optimizer(cfg.optimizer, policy).param_groups
+    runner = instantiate(cfg.env_runner, output_dir=str(tmp_path))
+    test_seeds = [s for split, s in runner.seeds if split == "test"]
+    assert test_seeds[0] == 100000 and runner.max_steps == 350
+    assert (runner.n_obs_steps, runner.n_action_steps) == (2, 8)
+    assert type(runner.scorer).__name__ == "BlockPushScorer"
+
+
+def test_paper_settings():
+    cfg = _compose(["+experiment=blockpush_lowdim"])
+    assert list(cfg.denoiser.down_dims) == [256, 512, 1024]
+    assert cfg.noise_scheduler.num_train_timesteps == 100
+    assert cfg.noise_scheduler._target_ == "diffusers.DDPMScheduler"
+    assert (cfg.horizon, cfg.n_obs_steps, cfg.n_action_steps) == (16, 2, 8)
+    assert (cfg.dataset.val_ratio, cfg.dataset.seed) == (0.02, 42)
+    assert cfg.dataset.zarr_path == "data/blockpush/blockpush_oracle.zarr"
+    assert (cfg.env_runner.n_test, cfg.env_runner.n_train) == (50, 6)
+    cpu = _compose(["+experiment=blockpush_lowdim_cpu"])
+    assert (cpu.trainer.max_minutes, cpu.trainer.batch_size) == (60, 64)
+    assert cpu.policy.num_inference_steps == 8
+    assert _compose(["+experiment=blockpush_lowdim_transformer"]).denoiser.n_layer == 8
+
+
+def test_tiny_training_run_logs_p1_and_p2(store, tmp_path):
+    run = tmp_path / "run"
+    metrics = Trainer(debug_cfg(store, experiment="blockpush_lowdim"), run).train()
+    assert 0.0 <= metrics["test/p1"] <= 1.0 and 0.0 <= metrics["test/p2"] <= 1.0
+    logged = [json.loads(line) for line in (run / "logs.jsonl").read_text().splitlines()]
+    assert any("test/p2" in r and "test/mode/b0_first" in r for r in logged)

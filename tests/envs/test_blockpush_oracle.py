@@ -1,0 +1,39 @@
+"""The scripted BlockPush oracle: it succeeds, in the mode it drew, deterministically."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from diffusion_policy.envs.blockpush_env import BlockPushEnv
+from diffusion_policy.envs.blockpush_oracle import BlockPushOracle, run_oracle_episode
+
+
+@pytest.fixture(scope="module")
+def env():
+    env = BlockPushEnv()
+    yield env
+    env.close()
+
+
+def _success_rate(env: BlockPushEnv, seeds: range) -> float:
+    return float(np.mean([run_oracle_episode(env, s).success for s in seeds]))
+
+
+def test_oracle_succeeds_on_10_seeds(env):
+    assert _success_rate(env, range(1000, 1010)) == 1.0
+
+
+@pytest.mark.slow
+def test_oracle_p2_on_200_seeds_is_at_least_95_percent(env):
+    assert _success_rate(env, range(200)) >= 0.95
+
+
+def test_oracle_episode_is_deterministic_and_draws_every_mode(env):
+    a, b = run_oracle_episode(env, 4), run_oracle_episode(env, 4)
+    np.testing.assert_array_equal(a.obs, b.obs)
+    np.testing.assert_array_equal(a.action, b.action)
+    assert a.mode == b.mode
+    assert a.obs.shape == (len(a.action), 16) and a.action.shape[1] == 2
+    modes = {BlockPushOracle(np.random.default_rng([s, 1])).mode for s in range(40)}
+    assert len(modes) == 4
