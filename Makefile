@@ -3,7 +3,7 @@ PUSHT_ZARR ?= $(firstword $(wildcard ../shared/data/pusht/pusht_cchi_v7_replay.z
 export PUSHT_ZARR
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format bench data train-debug clean
+.PHONY: help install test test-all lint format bench data data-blockpush train-debug clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -29,6 +29,9 @@ bench: ## Print training/inference/data/rollout benchmarks
 
 data: ## Download and unpack the Push-T demonstrations into data/
 	$(PYTHON) scripts/download_pusht.py
+
+data-blockpush: ## Generate the 1,000 BlockPush oracle demonstrations into data/blockpush/
+	$(PYTHON) scripts/generate_blockpush.py
 
 train-debug: ## A tiny end-to-end training run (seconds)
 	$(PYTHON) train.py +experiment=pusht_lowdim +debug=fast
