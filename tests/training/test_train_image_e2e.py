@@ -1,4 +1,4 @@
-"""`+experiment=pusht +debug=fast` on the real data: uint8 images end to end, rollout videos."""
+"""`+experiment=pusht +debug=fast` on a small store: uint8 images end to end, rollout videos."""
 
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ class DtypeProbe:
         return self.policy.predict_action(obs)
 
 
-def test_image_debug_run_end_to_end(pusht_zarr_path, tmp_path):
-    cfg = debug_cfg(pusht_zarr_path, "logger.mode=offline", experiment="pusht")
+def test_image_debug_run_end_to_end(tiny_pusht_all_zarr, tmp_path):
+    cfg = debug_cfg(tiny_pusht_all_zarr, "logger.mode=offline", experiment="pusht")
     run = tmp_path / "run"
     trainer = Trainer(cfg, run)
     assert trainer.dataset.arrays["image"].dtype == np.uint8
