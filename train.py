@@ -24,8 +24,9 @@ from diffusion_policy.training.distributed import (
     shutdown,
 )
 from diffusion_policy.training.interrupt import TrainingInterrupted
+from diffusion_policy.training.nonfinite import NonFiniteLossError, NonFiniteWeightsError
 from diffusion_policy.training.run_dir import RunFolderError
-from diffusion_policy.training.trainer import NonFiniteLossError, NonFiniteWeightsError, Trainer
+from diffusion_policy.training.trainer import Trainer
 
 # Under torchrun, the ranks other than 0 write nothing of Hydra's (no run folder, .hydra/ or log
 # file): they are given rank 0's run folder.

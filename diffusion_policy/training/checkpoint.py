@@ -8,7 +8,7 @@ import pickle
 import re
 import shutil
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ __all__ = [  # atomic_write is re-exported: callers of the checkpoint API find i
     "describe_os_error",
     "load_checkpoint",
     "load_model_state",
+    "nonfinite_tensors",
     "remove_stale_temp_files",
     "save_checkpoint",
     "warn_if_low_disk",
@@ -177,6 +178,20 @@ def _tensors(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
     elif isinstance(obj, list | tuple):
         for i, v in enumerate(obj):
             yield from _tensors(v, f"{prefix}[{i}]")
+
+
+def nonfinite_tensors(state: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The names of the floating-point tensors in a nested state dict that hold NaN or inf."""
+    bad = []
+    for key, value in state.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            bad += nonfinite_tensors(value, prefix=f"{name}.")
+        elif (
+            torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()
+        ):
+            bad.append(name)
+    return bad
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

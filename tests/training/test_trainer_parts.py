@@ -6,12 +6,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from diffusion_policy.training.checkpoint import nonfinite_tensors
 from diffusion_policy.training.config_checks import ConfigError, check_config, check_windows
-from diffusion_policy.training.trainer import (
-    apply_optimizer_settings,
-    nonfinite_tensors,
-    per_rank_batch_size,
-)
+from diffusion_policy.training.resume import apply_optimizer_settings
+from diffusion_policy.training.setup import per_rank_batch_size
 
 
 def test_per_rank_batch_size():
