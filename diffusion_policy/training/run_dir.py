@@ -41,6 +41,8 @@ FROZEN_KEYS = (
     "noise_scheduler.trained_betas",
     "noise_scheduler.prediction_type",
 )
+# Under a frozen key, but where a resume may point elsewhere (the data moved); logged.
+MOVABLE_KEYS = ("dataset.zarr_path",)
 # Keys whose change says nothing about the run.
 IGNORED_KEYS = ("resume",)
 _ABSENT = "<absent>"
@@ -166,7 +168,7 @@ def split_frozen(
     changes: Mapping[str, tuple[Any, Any]],
 ) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
     """(changes a resume must refuse, changes it may apply); see :data:`FROZEN_KEYS`."""
-    frozen = {k: v for k, v in changes.items() if _under(k, FROZEN_KEYS)}
+    frozen = {k: v for k, v in changes.items() if _under(k, FROZEN_KEYS) and k not in MOVABLE_KEYS}
     return frozen, {k: v for k, v in changes.items() if k not in frozen}
 
 

@@ -22,7 +22,7 @@ from diffusion_policy.training.checkpoint import CheckpointError, load_checkpoin
 from diffusion_policy.training.config_checks import ConfigError
 from diffusion_policy.training.interrupt import TrainingInterrupted
 from diffusion_policy.training.logger import read_jsonl
-from diffusion_policy.training.run_dir import RunFolderError, RunFolderLock
+from diffusion_policy.training.run_dir import RunFolderError, RunFolderLock, split_frozen
 from diffusion_policy.training.trainer import NonFiniteWeightsError, Trainer
 from tests.helpers import debug_cfg
 
@@ -246,3 +246,14 @@ def test_resume_from_a_checkpoint_without_model_names_the_key(pusht_zarr_path, r
     save_checkpoint(_latest(run_copy), state)
     with pytest.raises(CheckpointError, match=r"has no 'model' entry"):
         Trainer(_cfg(pusht_zarr_path, "resume=true"), run_copy)
+
+
+def test_a_moved_dataset_may_resume_but_other_data_settings_may_not():
+    changes = {
+        "dataset.zarr_path": ("/old/pusht.zarr", "/new/pusht.zarr"),
+        "dataset.val_ratio": (0.02, 0.1),
+        "optimizer.lr": (1e-4, 1e-3),
+    }
+    frozen, applied = split_frozen(changes)
+    assert list(frozen) == ["dataset.val_ratio"]
+    assert sorted(applied) == ["dataset.zarr_path", "optimizer.lr"]
