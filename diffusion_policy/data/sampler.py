@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from diffusion_policy.data.errors import DatasetError
+from diffusion_policy.utils.checks import check_window
 
 
 class SequenceSampler:
@@ -39,10 +40,8 @@ class SequenceSampler:
         obs_keys: Iterable[str] = (),
         episode_mask: np.ndarray | None = None,
     ) -> None:
-        if not 1 <= n_obs_steps <= horizon:
-            raise ValueError(f"n_obs_steps={n_obs_steps} must be in [1, horizon={horizon}]")
-        if not 1 <= n_action_steps <= horizon:
-            raise ValueError(f"n_action_steps={n_action_steps} must be in [1, horizon={horizon}]")
+        # Windows are padded: each size only needs to fit in the horizon.
+        check_window(horizon, n_obs_steps, n_action_steps, covered=False)
         ends = np.asarray(episode_ends, dtype=np.int64)
         obs_keys = set(obs_keys)
         unknown = sorted(obs_keys - set(data))

@@ -20,6 +20,9 @@ class TemporalConv1d(nn.Conv1d):
     """
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int) -> None:
+        # "Same" padding of k // 2 on both sides keeps the length only for an odd kernel.
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size={kernel_size} must be odd")
         super().__init__(in_ch, out_ch, kernel_size, padding=kernel_size // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

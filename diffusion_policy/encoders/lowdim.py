@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffusion_policy.data.keys import LOW_DIM
+
 
 class LowDimEncoder(nn.Module):
     """Concatenates the low-dim observation keys of a shape description, frame by frame.
@@ -23,11 +25,11 @@ class LowDimEncoder(nn.Module):
         super().__init__()
         obs_meta = shape_meta["obs"]
         if keys is None:
-            keys = [k for k, m in obs_meta.items() if m.get("type", "low_dim") == "low_dim"]
+            keys = [k for k, m in obs_meta.items() if m.get("type", LOW_DIM) == LOW_DIM]
         for k in keys:
             if k not in obs_meta:
                 raise KeyError(f"encoder key {k!r} is not among the obs keys {list(obs_meta)}")
-            if obs_meta[k].get("type", "low_dim") != "low_dim":
+            if obs_meta[k].get("type", LOW_DIM) != LOW_DIM:
                 raise ValueError(f"LowDimEncoder cannot encode {k!r} of type {obs_meta[k]['type']}")
         if not keys:
             raise ValueError("LowDimEncoder needs at least one low-dim observation key")

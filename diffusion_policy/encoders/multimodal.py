@@ -9,10 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffusion_policy.data.keys import LOW_DIM, RGB
 from diffusion_policy.encoders.crop import Crop
 
-RGB = "rgb"
-LOW_DIM = "low_dim"
 SHARED = "shared"
 
 

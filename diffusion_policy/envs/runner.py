@@ -52,11 +52,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from diffusion_policy.data.keys import ACTION
 from diffusion_policy.envs import faults
 from diffusion_policy.envs.episodes import EpisodeResult, Wave
 from diffusion_policy.envs.pusht_env import OBS_TYPES, make_pusht_env
 from diffusion_policy.envs.scoring import MaxRewardScorer, Scorer
 from diffusion_policy.envs.video import FrameRecorder, write_video
+from diffusion_policy.utils.checks import check_window
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +148,9 @@ class EnvRunner:
     ) -> None:
         if n_test < 0 or n_train < 0 or n_test + n_train == 0:
             raise ValueError(f"n_test={n_test} and n_train={n_train} must be >= 0, not both 0")
-        for name, value in [("max_steps", max_steps), ("n_obs_steps", n_obs_steps)]:
-            if value < 1:
-                raise ValueError(f"{name}={value} must be >= 1")
-        if n_action_steps < 1:
-            raise ValueError(f"n_action_steps={n_action_steps} must be >= 1")
+        if max_steps < 1:
+            raise ValueError(f"max_steps={max_steps} must be >= 1")
+        check_window(None, n_obs_steps, n_action_steps)  # the policy has the horizon
         if n_envs is not None and n_envs < 1:
             raise ValueError(f"n_envs={n_envs} must be >= 1 or None")
         if vectorization not in VECTORIZATIONS:
@@ -311,9 +311,9 @@ class EnvRunner:
         }
         with torch.no_grad():
             out = policy.predict_action(obs)
-        if "action" not in out:
-            raise KeyError(f"predict_action must return an 'action' entry, got keys {list(out)}")
-        action = out["action"]
+        if ACTION not in out:
+            raise KeyError(f"predict_action must return an {ACTION!r} entry, got keys {list(out)}")
+        action = out[ACTION]
         action_dim = envs.single_action_space.shape[0]
         if action.ndim != 3 or action.shape[0] != envs.num_envs or action.shape[2] != action_dim:
             raise ValueError(

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from diffusers import SchedulerMixin
 from torch import nn
 
+from diffusion_policy.data.keys import ACTION, LOW_DIM
 from diffusion_policy.data.normalizer import LinearNormalizer
-
-ACTION = "action"
+from diffusion_policy.utils.checks import check_window
 
 
 class DiffusionPolicy(nn.Module):
@@ -54,15 +54,7 @@ class DiffusionPolicy(nn.Module):
         num_inference_steps: int | None = None,
     ) -> None:
         super().__init__()
-        if n_obs_steps < 1 or n_action_steps < 1:
-            raise ValueError(
-                f"n_obs_steps={n_obs_steps} and n_action_steps={n_action_steps} must be >= 1"
-            )
-        if n_obs_steps - 1 + n_action_steps > horizon:
-            raise ValueError(
-                f"horizon={horizon} is too short for n_obs_steps={n_obs_steps} and "
-                f"n_action_steps={n_action_steps}: needs at least n_obs_steps - 1 + n_action_steps"
-            )
+        check_window(horizon, n_obs_steps, n_action_steps)
         self.shape_meta = shape_meta
         self.action_dim = int(shape_meta[ACTION]["shape"][0])
         self.horizon = horizon
@@ -83,7 +75,7 @@ class DiffusionPolicy(nn.Module):
         low_dim = {
             k: int(torch.Size(m["shape"]).numel())
             for k, m in shape_meta["obs"].items()
-            if m.get("type", "low_dim") == "low_dim"
+            if m.get("type", LOW_DIM) == LOW_DIM
         }
         self.normalizer = LinearNormalizer({**low_dim, ACTION: self.action_dim})
 
@@ -260,7 +252,7 @@ class DiffusionPolicy(nn.Module):
         action_pred = self.normalizer.unnormalize_key(ACTION, x)  # (B, T, Da)
         start = self.n_obs_steps - 1
         return {
-            "action": action_pred[:, start : start + self.n_action_steps],
+            ACTION: action_pred[:, start : start + self.n_action_steps],
             "action_pred": action_pred,
         }
 

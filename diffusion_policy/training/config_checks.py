@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from diffusion_policy.utils.checks import check_window
+
 
 class ConfigError(ValueError):
     """A config value of the wrong type, out of range, or unusable on this machine."""
@@ -96,17 +98,15 @@ def check_config(cfg: Mapping[str, Any]) -> None:
 
 
 def check_windows(horizon: int, n_obs_steps: int, n_action_steps: int) -> None:
-    """Checks that a predicted window covers the observed steps and the executed actions.
+    """:func:`~diffusion_policy.utils.checks.check_window`, raising a :class:`ConfigError`.
 
     Raises:
-        ConfigError: ``horizon < n_obs_steps - 1 + n_action_steps``.
+        ConfigError: A size is out of range, or ``horizon < n_obs_steps - 1 + n_action_steps``.
     """
-    if n_obs_steps - 1 + n_action_steps > horizon:
-        raise ConfigError(
-            f"horizon={horizon} is too short for n_obs_steps={n_obs_steps} and "
-            f"n_action_steps={n_action_steps}: needs at least n_obs_steps - 1 + n_action_steps "
-            f"= {n_obs_steps - 1 + n_action_steps}"
-        )
+    try:
+        check_window(horizon, n_obs_steps, n_action_steps)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_fields(schema: type, cfg: Mapping[str, Any], prefix: str) -> None:

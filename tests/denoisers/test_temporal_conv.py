@@ -42,3 +42,10 @@ def test_float32_and_non_contiguous_input():
     x = torch.randn(2, 16, 6).transpose(1, 2)  # (B, C, T), not contiguous
     assert not x.is_contiguous()
     torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_even_kernel_is_refused(k):
+    # Padding k // 2 on both sides would make the output one step longer than the input.
+    with pytest.raises(ValueError, match=rf"kernel_size={k} must be odd"):
+        TemporalConv1d(3, 4, k)
