@@ -68,6 +68,7 @@ def test_paper_settings():
     assert _compose(["+experiment=blockpush_lowdim_transformer"]).denoiser.n_layer == 8
 
 
+@pytest.mark.slow  # 9-18 s on 2 shared cores
 def test_tiny_training_run_logs_p1_and_p2(store, tmp_path):
     run = tmp_path / "run"
     metrics = Trainer(debug_cfg(store, experiment="blockpush_lowdim"), run).train()

@@ -1,0 +1,119 @@
+"""The BlockPush env: layout, observation order, determinism, reward and info, rendering."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from diffusion_policy.envs.blockpush_env import (
+    BOTH_REWARD,
+    FIRST_REWARD,
+    INFO_KEYS,
+    MIN_BLOCK_GAP,
+    MIN_BLOCK_ZONE_GAP,
+    MIN_ZONE_GAP,
+    WORKSPACE_X,
+    WORKSPACE_Y,
+    BlockPushEnv,
+    make_blockpush_env,
+    sample_layout,
+)
+from diffusion_policy.envs.blockpush_oracle import BlockPushOracle, Mode
+
+
+@pytest.fixture(scope="module")
+def env():
+    env = BlockPushEnv(render_size=64)
+    yield env
+    env.close()
+
+
+def test_layouts_keep_blocks_and_zones_apart():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        layout = sample_layout(rng)
+        blocks, zones = layout["blocks"][:, :2], layout["zones"][:, :2]
+        assert np.linalg.norm(blocks[0] - blocks[1]) >= MIN_BLOCK_GAP
+        assert np.linalg.norm(zones[0] - zones[1]) >= MIN_ZONE_GAP
+        assert np.linalg.norm(blocks[:, None] - zones[None], axis=-1).min() >= MIN_BLOCK_ZONE_GAP
+
+
+def test_observation_is_the_papers_16_values_in_order(env):
+    obs, info = env.reset(seed=3)
+    assert obs.shape == (16,) and obs.dtype == np.float32
+    assert env.observation_space.contains(obs)
+    layout = env.layout
+    np.testing.assert_allclose(obs[[0, 1, 3, 4]], layout["blocks"][:, :2].ravel(), atol=2e-3)
+    np.testing.assert_allclose(obs[[6, 7]], obs[[8, 9]], atol=1e-3)  # effector at its target
+    np.testing.assert_allclose(obs[10:16], layout["zones"].ravel(), atol=1e-6)
+    assert set(info) == set(INFO_KEYS) and not info["is_success"]
+
+
+def test_same_seed_same_observations_over_50_steps():
+    actions = np.random.default_rng(7).uniform(-0.1, 0.1, (50, 2))
+    runs = []
+    for _ in range(2):
+        env = BlockPushEnv()
+        obs = [env.reset(seed=11)[0]] + [env.step(a)[0] for a in actions]
+        runs.append(np.stack(obs))
+        env.close()
+    np.testing.assert_array_equal(runs[0], runs[1])
+    env = BlockPushEnv()
+    other = env.reset(seed=12)[0]
+    env.close()
+    assert not np.allclose(runs[0][0], other)
+
+
+def test_target_moves_by_the_clipped_action_and_stays_in_the_workspace(env):
+    obs, _ = env.reset(seed=0)
+    obs, *_ = env.step(np.array([0.5, -0.02]))  # x clipped to 0.1
+    np.testing.assert_allclose(obs[[8, 9]], [0.3, -0.02], atol=1e-6)
+    for _ in range(10):
+        obs, *_ = env.step(np.array([-0.1, 0.1]))
+    assert obs[8] == pytest.approx(WORKSPACE_X[0]) and obs[9] <= WORKSPACE_Y[1] + 1e-6
+    with pytest.raises(ValueError, match=r"shape \(2,\), got \(3,\)"):
+        env.step(np.zeros(3))
+
+
+def test_the_pusher_pushes_a_block_through_contact(env):
+    obs, _ = env.reset(seed=0)
+    block = obs[:2].astype(np.float64)
+    # Go 10 cm behind block 0 (smaller x), around nothing (start x is 0.2), then push along +x.
+    behind = block - [0.08, 0.0]
+    for _ in range(15):
+        obs, *_ = env.step(np.clip(behind - obs[8:10], -0.03, 0.03))
+    for _ in range(5):
+        obs, *_ = env.step(np.array([0.03, 0.0]))
+    assert obs[0] > block[0] + 0.05  # the block moved forward with the pusher
+    assert abs(obs[1] - block[1]) < 0.03
+
+
+@pytest.mark.parametrize("mode", [Mode(0, 0), Mode(1, 1)])
+def test_reward_and_info_along_an_oracle_episode(env, mode):
+    obs, _ = env.reset(seed=5)
+    oracle = BlockPushOracle(np.random.default_rng(0), mode=mode)
+    rewards, infos = [], []
+    for _ in range(350):
+        obs, reward, terminated, truncated, info = env.step(oracle.act(obs))
+        rewards.append(reward)
+        infos.append(info)
+        if terminated:
+            break
+    assert terminated and not truncated and infos[-1]["is_success"]
+    assert rewards.count(FIRST_REWARD) == 1 and rewards[-1] == pytest.approx(BOTH_REWARD)
+    first = rewards.index(FIRST_REWARD)
+    assert all(i["first_block"] == -1 for i in infos[:first])
+    assert {i["first_block"] for i in infos[first:]} == {mode.first_block}
+    zone_of_b0 = mode.zone_of_block0
+    assert (infos[-1]["block0_zone"], infos[-1]["block1_zone"]) == (zone_of_b0, 1 - zone_of_b0)
+
+
+def test_render_is_an_rgb_frame():
+    env = make_blockpush_env(render_size=48, max_episode_steps=3)
+    env.reset(seed=0)
+    frame = env.render()
+    assert frame.shape == (48, 48, 3) and frame.dtype == np.uint8 and frame.std() > 0
+    for _ in range(3):
+        *_, truncated, _ = env.step(np.zeros(2))
+    assert truncated
+    env.close()
