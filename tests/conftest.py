@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import diffusion_policy.training  # noqa: F401 -- registers trainer/schema before any compose
 from diffusion_policy.data.replay_buffer import ReplayBuffer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -7,6 +7,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+import diffusion_policy.training  # noqa: F401 -- registers trainer/schema before any compose
+
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 

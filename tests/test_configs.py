@@ -64,14 +64,20 @@ def test_eval_config_composes_with_scheduler_override():
 
 
 def test_trainer_schema_matches_the_trainer_config():
-    """configs/trainer/default.yaml and the schema config_checks validates declare one key set."""
+    """configs/trainer/default.yaml sets a value for every key of its schema, and no other key."""
     import dataclasses
 
     from omegaconf import OmegaConf
 
     from diffusion_policy.training.config_checks import TrainerSchema
 
-    yaml_keys = set(OmegaConf.load(Path(CONFIG_DIR) / "trainer" / "default.yaml"))
+    yaml_keys = set(OmegaConf.load(Path(CONFIG_DIR) / "trainer" / "default.yaml")) - {"defaults"}
     assert yaml_keys == {f.name for f in dataclasses.fields(TrainerSchema)}
-    defaults = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "trainer" / "default.yaml"))
-    assert defaults == dataclasses.asdict(TrainerSchema())
+    trainer = _compose([]).trainer
+    assert OmegaConf.get_type(trainer) is TrainerSchema
+    assert not OmegaConf.missing_keys(trainer)  # the YAML gives every field its value
+
+
+def test_trainer_value_of_wrong_type_fails_at_compose():
+    with pytest.raises(ConfigCompositionException, match="trainer.batch_size=many"):
+        _compose(["+experiment=pusht_lowdim", "trainer.batch_size=many"])

@@ -14,6 +14,8 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from diffusion_policy.utils.jsonl import read_jsonl
+
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["+experiment=pusht_lowdim", "+debug=fast", "logger.mode=disabled"]
 # configs/hydra/launcher/slurm.yaml with hydra.launcher.partition=gpu, as sbatch options.
@@ -79,8 +81,8 @@ def test_optuna_search_of_two_trials(pusht_zarr_path, tmp_path):
     # The objective is each run's best test score; Optuna reports the best trial's.
     best_scores = []
     for trial in configs:
-        records = (sweep / trial / "logs.jsonl").read_text().splitlines()
-        best_scores.append(max(json.loads(r).get("test/mean_score", -1.0) for r in records))
+        records = read_jsonl(sweep / trial / "logs.jsonl")
+        best_scores.append(max(r.get("test/mean_score", -1.0) for r in records))
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert results["best_value"] == max(best_scores)
     assert set(results["best_params"]) == {

@@ -2,9 +2,12 @@
 
 Types and ranges are declared once, as dataclass fields (:class:`RunSchema`,
 :class:`TrainerSchema`, :class:`NoiseSchedulerSchema`), each with its bounds in the field's
-metadata; :func:`check_config` walks those fields. ``tests/test_configs.py`` keeps
-:class:`TrainerSchema` and ``configs/trainer/default.yaml`` in step. The run-level window sizes
-(``horizon``, ``n_obs_steps``, ``n_action_steps``) and how they relate are checked here only.
+metadata; :func:`check_config` walks those fields. The values and their comments live in the
+YAML files. :class:`TrainerSchema` is registered in Hydra's ConfigStore as ``trainer/schema``
+(:func:`register_configs`, run when ``diffusion_policy.training`` is imported), and
+``configs/trainer/default.yaml`` composes over it: a value of the wrong type fails at compose,
+naming the key. The window sizes (``horizon``, ``n_obs_steps``, ``n_action_steps``) are checked
+by :func:`~diffusion_policy.utils.checks.check_window`, as in the sampler, policy and runner.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
 
 from diffusion_policy.utils.checks import check_window
 
@@ -24,50 +28,62 @@ class ConfigError(ValueError):
     """A config value of the wrong type, out of range, or unusable on this machine."""
 
 
-def _int(low: int, default: int | None = None) -> Any:
-    return field(default=default, metadata={"low": low})
+# The fields have no defaults (MISSING, "???"): the values are set in YAML, once.
+def _int(low: int) -> Any:
+    """An integer field, at least ``low``."""
+    return field(default=MISSING, metadata={"low": low})
 
 
 def _positive_number() -> Any:
-    return field(default=None, metadata={"positive": True})
+    """A finite number field, greater than 0."""
+    return field(default=MISSING, metadata={"positive": True})
 
 
 @dataclass
 class RunSchema:
     """Top-level settings of ``configs/train.yaml`` checked before a run starts."""
 
-    seed: int = _int(0, 42)
-    horizon: int = _int(1, 16)  # predicted actions
-    n_obs_steps: int = _int(1, 2)  # observation frames conditioning a prediction
-    n_action_steps: int = _int(1, 8)  # actions executed per prediction
+    seed: int = _int(0)
+    horizon: int = _int(1)  # predicted actions
+    n_obs_steps: int = _int(1)  # observation frames conditioning a prediction
+    n_action_steps: int = _int(1)  # actions executed per prediction
 
 
 @dataclass
 class TrainerSchema:
     """``configs/trainer/default.yaml``: the trainer's settings (see that file for meanings)."""
 
-    num_epochs: int = _int(1, 5000)
-    batch_size: int = _int(1, 256)
-    num_workers: int = _int(0, 0)
-    log_every: int = _int(1, 1)
-    val_every: int | None = _int(0, 1)
-    rollout_every: int | None = _int(0, 50)
-    checkpoint_every: int | None = _int(0, 50)
-    topk: int = _int(0, 5)
+    num_epochs: int = _int(1)
+    batch_size: int = _int(1)
+    num_workers: int = _int(0)
+    log_every: int = _int(1)
+    val_every: int | None = _int(0)
+    rollout_every: int | None = _int(0)
+    checkpoint_every: int | None = _int(0)
+    topk: int = _int(0)
     grad_clip_norm: float | None = _positive_number()
     max_train_steps_per_epoch: int | None = _int(1)
     max_val_steps: int | None = _int(1)
-    max_nonfinite_steps: int = _int(1, 10)
+    max_nonfinite_steps: int = _int(1)
     max_minutes: float | None = _positive_number()
-    precision: str = "fp32"
-    compile: bool = False
+    precision: str = MISSING
+    compile: bool = MISSING
 
 
 @dataclass
 class NoiseSchedulerSchema:
     """The training schedule settings of ``noise_scheduler`` checked here."""
 
-    num_train_timesteps: int = _int(1, 100)
+    num_train_timesteps: int = _int(1)
+
+
+def register_configs() -> None:
+    """Registers :class:`TrainerSchema` in Hydra's ConfigStore as ``trainer/schema``.
+
+    ``configs/trainer/default.yaml`` lists it first in its defaults, so OmegaConf enforces the
+    field types at compose. Registering again replaces the entry with the same one.
+    """
+    ConfigStore.instance().store(group="trainer", name="schema", node=TrainerSchema)
 
 
 def check_device(device: str) -> None:
@@ -76,6 +92,8 @@ def check_device(device: str) -> None:
     Raises:
         ConfigError: ``device`` names CUDA on a machine without it.
     """
+    import torch  # here: registering the schemas should not need torch
+
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(
             f"device={device} but torch.cuda.is_available() is False (no CUDA GPU or driver "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,8 +10,8 @@ import time
 from pathlib import Path
 
 from diffusion_policy.training.checkpoint import load_checkpoint
-from diffusion_policy.training.logger import read_jsonl
 from diffusion_policy.training.trainer import Trainer
+from diffusion_policy.utils.jsonl import read_jsonl
 from tests.helpers import debug_cfg
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,13 +59,8 @@ def _train_cli(zarr: Path, run: Path, *overrides: str) -> list[str]:
 def _last_step(log: Path) -> int:
     if not log.exists():
         return 0
-    steps = [0]
-    for line in log.read_text().splitlines():
-        try:
-            steps.append(json.loads(line)["step"])
-        except (json.JSONDecodeError, KeyError):
-            continue
-    return max(steps)
+    # The run is still writing: read_jsonl skips a partial last line.
+    return max([0, *(r["step"] for r in read_jsonl(log) if "step" in r)])
 
 
 def test_sigkill_then_resume_logs_the_same_losses(pusht_zarr_path, tmp_path):

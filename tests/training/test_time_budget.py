@@ -1,6 +1,5 @@
 """Training to a time budget: the clock, the fitted learning-rate schedule, the trainer."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ from diffusion_policy.training.checkpoint import load_checkpoint
 from diffusion_policy.training.config_checks import check_config
 from diffusion_policy.training.time_budget import TimeBudget, budget_lr_schedule
 from diffusion_policy.training.trainer import Trainer
+from diffusion_policy.utils.jsonl import read_jsonl
 from tests.helpers import debug_cfg
 
 REPO = Path(__file__).resolve().parents[2]
@@ -134,7 +134,7 @@ def test_trainer_stops_on_time_with_the_schedule_finished(pusht_zarr_path, tmp_p
     )
     run = tmp_path / "run"
     metrics = Trainer(cfg, run).train()
-    records = [json.loads(line) for line in (run / "logs.jsonl").read_text().splitlines()]
+    records = read_jsonl(run / "logs.jsonl")
     steps = [r for r in records if "lr" in r]
     assert len(steps) > 5  # it trained for the budget, not for num_epochs
     assert metrics["epoch"] < 100000 - 1

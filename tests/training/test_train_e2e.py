@@ -17,6 +17,7 @@ from diffusion_policy.training.checkpoint import (
 )
 from diffusion_policy.training.run_dir import RunFolderError
 from diffusion_policy.training.trainer import Trainer
+from diffusion_policy.utils.jsonl import read_jsonl
 from tests.helpers import debug_cfg
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,10 +27,6 @@ def _cfg(zarr: Path, *overrides: str):
     return debug_cfg(zarr, *overrides)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def test_train_checkpoint_resume_rollout(pusht_zarr_path, tmp_path):
     run = tmp_path / "run"
     metrics = Trainer(_cfg(pusht_zarr_path), run).train()
@@ -37,8 +34,8 @@ def test_train_checkpoint_resume_rollout(pusht_zarr_path, tmp_path):
     assert 0.0 <= metrics["test/success_rate"] <= 1.0
     latest = load_checkpoint(run / "checkpoints" / "latest.ckpt")
     assert (latest["epoch"], latest["global_step"]) == (2, 6)
-    assert len(list((run / "checkpoints").glob("epoch=*-test_mean_score=*.ckpt"))) == 1
-    steps = [r["step"] for r in _read_jsonl(run / "logs.jsonl") if "train/loss" in r]
+    assert len(list((run / "checkpoints").glob("epoch_*-test_mean_score_*.ckpt"))) == 1
+    steps = [r["step"] for r in read_jsonl(run / "logs.jsonl") if "train/loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]
 
     # Resume with more epochs: continues at step 7 from the saved optimizer and EMA state.
@@ -46,7 +43,7 @@ def test_train_checkpoint_resume_rollout(pusht_zarr_path, tmp_path):
     assert (trainer.epoch, trainer.global_step, trainer.ema.step) == (2, 6, 6)
     torch.testing.assert_close(trainer.policy.state_dict(), latest["model"])
     trainer.train()
-    steps = [r["step"] for r in _read_jsonl(run / "logs.jsonl") if "train/loss" in r]
+    steps = [r["step"] for r in read_jsonl(run / "logs.jsonl") if "train/loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     assert load_checkpoint(run / "checkpoints" / "latest.ckpt")["global_step"] == 9
 
