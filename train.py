@@ -10,6 +10,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
@@ -86,6 +87,11 @@ def main(cfg: DictConfig) -> float | None:
         except USER_ERRORS as e:
             # Errors the user can act on: one line, no traceback.
             sys.exit(f"error: {e}")
+        except InstantiationException as e:
+            # What a dataset (or other part) raised while Hydra built it, e.g. a missing store.
+            if isinstance(e.__cause__, USER_ERRORS):
+                sys.exit(f"error: {e.__cause__}")
+            raise
         except TrainingInterrupted as e:
             e.resume_command = resume_command(hydra_cfg.overrides.task, run_dir)
             print(e, file=sys.stderr)

@@ -35,11 +35,8 @@ class BlockPushLowdimDataset(SequenceDataset):
         generate_episodes: int = 1000,
         generate_seed: int = 0,
     ) -> None:
-        if not Path(zarr_path).expanduser().exists():
-            # Imported here: only generating needs the simulator (pybullet).
-            from diffusion_policy.envs.blockpush_oracle import ensure_blockpush_dataset
-
-            ensure_blockpush_dataset(zarr_path, n_episodes=generate_episodes, seed=generate_seed)
+        self.generate_episodes = generate_episodes
+        self.generate_seed = generate_seed
         super().__init__(
             zarr_path,
             horizon=horizon,
@@ -49,3 +46,14 @@ class BlockPushLowdimDataset(SequenceDataset):
             seed=seed,
             max_train_episodes=max_train_episodes,
         )
+
+    def prepare_store(self, zarr_path: str) -> str:
+        """Generates the store with the scripted oracle when it is absent."""
+        if not Path(zarr_path).expanduser().exists():
+            # Imported here: only generating needs the simulator (pybullet).
+            from diffusion_policy.envs.blockpush_oracle import ensure_blockpush_dataset
+
+            ensure_blockpush_dataset(
+                zarr_path, n_episodes=self.generate_episodes, seed=self.generate_seed
+            )
+        return zarr_path

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
+from diffusion_policy.data.download import ensure_dataset
 from diffusion_policy.data.keys import RGB
 from diffusion_policy.data.sequence_dataset import Field, SequenceDataset, flatten_steps
 
@@ -15,7 +17,14 @@ def agent_pos_from_state(state: np.ndarray) -> np.ndarray:
     return state[:, :2]
 
 
-class PushTKeypointDataset(SequenceDataset):
+class PushTDataset(SequenceDataset):
+    """The authors' Push-T store, downloaded to its default location on first use."""
+
+    def prepare_store(self, zarr_path: str) -> Path:
+        return ensure_dataset(zarr_path)
+
+
+class PushTKeypointDataset(PushTDataset):
     """Push-T with low-dim observations: 9 block keypoints (flattened to 18) and agent x, y.
 
     Samples: ``{"obs": {"keypoint": (To, 18), "agent_pos": (To, 2)}, "action": (T, 2)}``,
@@ -35,7 +44,7 @@ class PushTKeypointDataset(SequenceDataset):
     }
 
 
-class PushTImageDataset(SequenceDataset):
+class PushTImageDataset(PushTDataset):
     """Push-T with image observations: the 96x96 RGB frame and agent x, y.
 
     Samples: ``{"obs": {"image": uint8 (To, 96, 96, 3), "agent_pos": float32 (To, 2)},

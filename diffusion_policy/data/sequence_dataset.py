@@ -6,6 +6,7 @@ import copy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -81,6 +82,7 @@ class SequenceDataset(Dataset):
         seed: int = 42,
         max_train_episodes: int | None = None,
     ) -> None:
+        zarr_path = str(self.prepare_store(zarr_path))
         fields = {**self.obs_fields, ACTION: self.action_field}
         zarr_keys = list(dict.fromkeys(f.zarr_key for f in fields.values()))
         buffer = ReplayBuffer.open(
@@ -106,6 +108,15 @@ class SequenceDataset(Dataset):
         )
         self.sampler = self._make_sampler(self.train_mask)
         self._check_episode_lengths(zarr_path)
+
+    def prepare_store(self, zarr_path: str) -> str | Path:
+        """Makes the store at ``zarr_path`` available and returns where it is.
+
+        The default takes the path as given (opening a missing store is a clear error). A task
+        whose demonstrations can be downloaded or generated overrides this; the trainer builds
+        the dataset on rank 0 first, so only one process does that.
+        """
+        return zarr_path
 
     def _check_episode_lengths(self, zarr_path: str) -> None:
         """Refuses a split whose train episodes are all too short for one window; warns for some.

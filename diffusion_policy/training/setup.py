@@ -13,7 +13,6 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_policy.data.download import ensure_dataset
 from diffusion_policy.training.builders import build_policy
 from diffusion_policy.training.config_checks import ConfigError
 from diffusion_policy.training.distributed import DistInfo, main_rank_first
@@ -38,11 +37,11 @@ def per_rank_batch_size(batch_size: int, world_size: int) -> int:
 def build_data(cfg: DictConfig, dist: DistInfo) -> tuple[Any, Any, dict[str, Any]]:
     """The train and validation datasets (split by whole episodes) and their shape description.
 
-    Rank 0 downloads the data first when it is missing; the other ranks then read it.
+    Rank 0 builds the dataset first: it downloads or generates a missing store (the dataset's
+    ``prepare_store``); the other ranks then read it.
     """
     with main_rank_first(dist):
-        zarr_path = ensure_dataset(cfg.dataset.zarr_path)
-    dataset = instantiate(cfg.dataset, zarr_path=str(zarr_path))
+        dataset = instantiate(cfg.dataset)
     shape_meta = OmegaConf.to_container(OmegaConf.create(dataset.shape_meta))
     return dataset, dataset.get_validation_dataset(), shape_meta
 

@@ -93,5 +93,5 @@ def test_real_keypoint_dataset(pusht_zarr_path):
 
 
 def test_missing_store_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no zarr store at"):
+    with pytest.raises(FileNotFoundError, match="no store at"):
         PushTKeypointDataset(str(tmp_path / "missing.zarr"))
