@@ -29,6 +29,12 @@ the process (training included) and one that hangs blocks it. Use ``"async"`` to
 untrusted or crashy envs in worker processes. ``run`` raises only for configuration errors: the
 envs cannot be built the first time, or the policy's output is malformed.
 
+The policy is driven by :class:`~diffusion_policy.deploy.controller.BatchController`, the
+controller a deployed robot uses (without its latency hiding: the rollout is deterministic).
+With ``sampling_seed``, each wave's sampling noise is seeded from it and the wave's env seeds:
+per-episode results reproduce (with ``n_envs=1``, whatever the other episodes), and a rollout
+through the policy server draws the same noise.
+
 This module is the rollout loop; fault handling is in :mod:`~diffusion_policy.envs.faults`, the
 per-episode bookkeeping in :mod:`~diffusion_policy.envs.episodes`, the scoring rules in
 :mod:`~diffusion_policy.envs.scoring`.
@@ -52,7 +58,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from diffusion_policy.data.keys import ACTION
+from diffusion_policy.deploy.controller import BatchController
 from diffusion_policy.envs import faults
 from diffusion_policy.envs.episodes import EpisodeResult, Wave
 from diffusion_policy.envs.pusht_env import OBS_TYPES, make_pusht_env
@@ -124,6 +130,9 @@ class EnvRunner:
         progress: Show a tqdm bar over env steps.
         scorer: The task's scoring rule; None is :class:`MaxRewardScorer` (Push-T's: maximum
             reward, success if ``info["is_success"]`` was ever true).
+        sampling_seed: Seeds the policy's sampling noise per wave (chunk ``j`` of a wave with
+            env seeds ``s`` draws from ``(sampling_seed, *s, j)``); None leaves it to the
+            policy's own random generator.
     """
 
     def __init__(
@@ -145,6 +154,7 @@ class EnvRunner:
         device: str | torch.device | None = None,
         progress: bool = True,
         scorer: Scorer | None = None,
+        sampling_seed: int | None = None,
     ) -> None:
         if n_test < 0 or n_train < 0 or n_test + n_train == 0:
             raise ValueError(f"n_test={n_test} and n_train={n_train} must be >= 0, not both 0")
@@ -176,6 +186,7 @@ class EnvRunner:
         self.device = torch.device(device) if device is not None else None
         self.progress = progress
         self.scorer = scorer if scorer is not None else MaxRewardScorer()
+        self.sampling_seed = sampling_seed
         self._n_runs = 0
         self._envs_built = False  # a first build failure is a config error and raises
 
@@ -272,27 +283,32 @@ class EnvRunner:
             call("set_attr", "recording", wave.recording.tolist())
         obs, info = call("reset", seed=wave.seeds)
         wave.fail({**faults.nonfinite_rows(obs, "observation"), **faults.env_errors(info)}, 0)
-        history = deque([obs] * self.n_obs_steps, maxlen=self.n_obs_steps)
+        controller = BatchController(
+            policy,
+            self.n_obs_steps,
+            self.n_action_steps,
+            device=device,
+            action_dim=envs.single_action_space.shape[0],
+            seed=None if self.sampling_seed is None else [self.sampling_seed, *wave.seeds],
+        )
         step = 0
         while step < self.max_steps and not wave.done.all():
             with stats.timed("policy"):
-                chunk = self._predict(policy, history, device, envs)  # (N, Ta, Da)
-            ended = wave.fail(faults.nonfinite_rows(chunk, "policy action"), step)
+                action = controller.act(_finite_obs(obs))  # (N, Da)
+            ended = np.zeros_like(wave.done)
+            if controller.planned is not None:  # a new chunk (N, Ta, Da)
+                ended = wave.fail(faults.nonfinite_rows(controller.planned, "policy action"), step)
             # A failed env still steps (masked): keep its simulator finite.
-            chunk = np.nan_to_num(chunk, nan=0.0, posinf=0.0, neginf=0.0)
-            for action in chunk.swapaxes(0, 1)[: self.n_action_steps]:  # (N, Da) each
-                with stats.timed("env"):
-                    obs, reward, terminated, truncated, info = call("step", action)
-                stats.env_steps += envs.num_envs
-                stats.bar.update(1)
-                step += 1
-                history.append(obs)
-                ended |= wave.take_step(obs, reward, terminated | truncated, info, step)
-                if (ended & wave.recording).any():  # stop before the autoreset adds frames
-                    wave.recording &= ~ended
-                    call("set_attr", "recording", wave.recording.tolist())
-                if step >= self.max_steps or wave.done.all():
-                    break
+            action = np.nan_to_num(action, nan=0.0, posinf=0.0, neginf=0.0)
+            with stats.timed("env"):
+                obs, reward, terminated, truncated, info = call("step", action)
+            stats.env_steps += envs.num_envs
+            stats.bar.update(1)
+            step += 1
+            ended |= wave.take_step(obs, reward, terminated | truncated, info, step)
+            if (ended & wave.recording).any():  # stop before the autoreset adds frames
+                wave.recording &= ~ended
+                call("set_attr", "recording", wave.recording.tolist())
         stats.bar.update(self.max_steps - step)
         wave.score_unfinished()
         if not wave.recorded.any():
@@ -300,27 +316,6 @@ class EnvRunner:
         frames = call("call", "pop_frames")
         call("set_attr", "recording", [False] * envs.num_envs)
         return [f for f, r in zip(frames, wave.recorded, strict=True) if r]
-
-    def _predict(
-        self, policy: Policy, history: deque, device: torch.device, envs: gym.vector.VectorEnv
-    ) -> np.ndarray:
-        frames = [h if isinstance(h, dict) else {"obs": h} for h in history]
-        obs = {
-            key: torch.from_numpy(_stack_frames([f[key] for f in frames])).to(device)
-            for key in frames[-1]
-        }
-        with torch.no_grad():
-            out = policy.predict_action(obs)
-        if ACTION not in out:
-            raise KeyError(f"predict_action must return an {ACTION!r} entry, got keys {list(out)}")
-        action = out[ACTION]
-        action_dim = envs.single_action_space.shape[0]
-        if action.ndim != 3 or action.shape[0] != envs.num_envs or action.shape[2] != action_dim:
-            raise ValueError(
-                f"predict_action returned action of shape {tuple(action.shape)}, expected "
-                f"({envs.num_envs}, Ta, {action_dim})"
-            )
-        return action.detach().float().cpu().numpy()
 
     def _make_envs(self) -> gym.vector.VectorEnv:
         fns = [partial(_make_env, self.env_fn, self.n_videos > 0)] * self.n_envs
@@ -463,13 +458,15 @@ def _make_env(env_fn: Callable[[], gym.Env], record: bool) -> gym.Env:
     return faults.FailSafe(FrameRecorder(env) if record else env)
 
 
-def _stack_frames(frames: list[np.ndarray]) -> np.ndarray:
-    """Per-env frames [(N, ...)] * To -> (N, To, ...): uint8 (images) kept, the rest float32.
+def _finite_obs(obs: dict[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray] | np.ndarray:
+    """A vector env's observation with uint8 (images) kept and the rest float32 and finite.
 
     Non-finite values become 0: they are in rows of failed, masked episodes only, and must not
     reach a policy that rejects them.
     """
-    stacked = np.stack(frames, axis=1)
-    if stacked.dtype == np.uint8:
-        return stacked
-    return np.nan_to_num(stacked.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    if isinstance(obs, dict):
+        return {key: _finite_obs(value) for key, value in obs.items()}
+    obs = np.asarray(obs)
+    if obs.dtype == np.uint8:
+        return obs
+    return np.nan_to_num(obs.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
