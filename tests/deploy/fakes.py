@@ -46,3 +46,64 @@ class EchoPolicy:
             time.sleep(self.delay_s)
         steps = torch.arange(self.horizon, dtype=torch.float32).view(1, -1, 1)
         return {"action": x[:, -1:, :] + steps}  # (B, chunk, 1)
+
+
+# -- a small real policy --------------------------------------------------------------------
+PUSHT_SHAPE_META = {
+    "obs": {
+        "keypoint": {"shape": [18], "type": LOW_DIM},
+        "agent_pos": {"shape": [2], "type": LOW_DIM},
+    },
+    "action": {"shape": [2]},
+}
+# A stored training config, as load_policy reads it: the parts and the window sizes.
+TINY_CFG = {
+    "encoder": {"_target_": "diffusion_policy.encoders.lowdim.LowDimEncoder", "keys": None},
+    "denoiser": {
+        "_target_": "diffusion_policy.denoisers.unet.ConditionalUnet1D",
+        "_partial_": True,
+        "down_dims": [16, 32],
+        "kernel_size": 5,
+        "n_groups": 8,
+        "step_embed_dim": 16,
+    },
+    "noise_scheduler": {
+        "_target_": "diffusers.DDPMScheduler",
+        "num_train_timesteps": 20,
+        "beta_schedule": "squaredcos_cap_v2",
+        "clip_sample": True,
+        "prediction_type": "epsilon",
+    },
+    "horizon": 16,
+    "n_obs_steps": 2,
+    "n_action_steps": 8,
+    "policy": {"num_inference_steps": 4},
+}
+
+
+def tiny_policy(seed: int = 0):
+    """An untrained Push-T keypoint policy (DDPM, 4 steps) whose actions span the workspace."""
+    from omegaconf import OmegaConf
+
+    from diffusion_policy.training.builders import build_policy
+
+    torch.manual_seed(seed)
+    policy = build_policy(OmegaConf.create(TINY_CFG), PUSHT_SHAPE_META)
+    g = torch.Generator().manual_seed(seed)
+    policy.normalizer.fit(
+        {
+            "keypoint": torch.rand(64, 18, generator=g) * 512,
+            "agent_pos": torch.rand(64, 2, generator=g) * 512,
+            "action": torch.rand(64, 2, generator=g) * 512,
+        }
+    )
+    return policy.eval()
+
+
+def write_checkpoint(path, policy) -> None:
+    """A checkpoint of ``policy`` as the trainer writes one (EMA = other weights)."""
+    from diffusion_policy.training.checkpoint import save_checkpoint
+
+    ema = {k: v + 0.01 if v.is_floating_point() else v for k, v in policy.state_dict().items()}
+    state = {"config": TINY_CFG, "shape_meta": PUSHT_SHAPE_META, "model": policy.state_dict()}
+    save_checkpoint(path, {**state, "ema": {"model": ema}})

@@ -1,0 +1,53 @@
+"""Serves a policy over ZeroMQ to any number of clients (see diffusion_policy.deploy.server).
+
+    python scripts/serve.py checkpoint=outputs/.../checkpoints/latest.ckpt port=5555
+    python scripts/serve.py checkpoint=exports/pusht                 # an export folder
+    DP_SERVE_TOKEN=... python scripts/serve.py checkpoint=... host=0.0.0.0 allow_remote=true
+
+It listens on 127.0.0.1 unless given ``allow_remote=true`` and a token (``DP_SERVE_TOKEN``);
+each request's latency is logged at DEBUG level, a p50/p99 summary at INFO.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from diffusion_policy.deploy.export import load_exported
+from diffusion_policy.deploy.server import PolicyServer, check_bind
+from diffusion_policy.training.builders import load_policy, resolve_device
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="serve")
+def main(cfg: DictConfig) -> None:
+    check_bind(cfg.host, cfg.allow_remote, cfg.token)  # before minutes of model loading
+    device = resolve_device(cfg.device)
+    if Path(cfg.checkpoint).is_dir():
+        policy = load_exported(cfg.checkpoint, device)
+    else:
+        policy, _ = load_policy(
+            cfg.checkpoint, device, use_ema=cfg.use_ema, trusted_targets=cfg.trusted_targets
+        )
+    if cfg.num_inference_steps:
+        policy.set_sampler(policy.noise_scheduler, cfg.num_inference_steps)
+    server = PolicyServer(
+        policy,
+        host=cfg.host,
+        port=cfg.port,
+        token=cfg.token,
+        allow_remote=cfg.allow_remote,
+        max_message_bytes=int(cfg.max_message_mb * 2**20),
+        max_batch=cfg.max_batch,
+        log_every=cfg.log_every,
+    )
+    with server:
+        print(f"serving {cfg.checkpoint} on tcp://{cfg.host}:{server.port} (Ctrl-C stops)")
+        with contextlib.suppress(KeyboardInterrupt):
+            server.serve()
+
+
+if __name__ == "__main__":
+    main()
