@@ -17,6 +17,10 @@ min / median over ``--repeats`` runs after a warm-up run. Figures:
 - ``rollout``: steps/s of one keypoint env, and the wall time of a 50-episode keypoint
   evaluation (test seeds, DDIM 16 steps; untrained weights, so every episode runs its 300 steps).
 - ``rss``: peak resident memory of a ``train.py +experiment=pusht`` process (3 steps).
+- ``server``: a control tick that plans (``Controller.act``, batch 1) in-process and through
+  the policy server over loopback (a server process on 127.0.0.1), p50 / p99, at the CPU
+  recipe's sizes (``+experiment=pusht_lowdim_cpu``, untrained weights); the difference is the
+  server's overhead.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from diffusion_policy.utils.timing import summary, timed
 REPO = Path(__file__).resolve().parents[1]  # for configs/ and train.py
 
 EXPERIMENTS = {"keypoint": "pusht_lowdim", "image": "pusht"}
-PARTS = ("step", "loader", "latency", "rollout", "rss")
+PARTS = ("step", "loader", "latency", "rollout", "rss", "server")
 SAMPLERS = (("ddpm", 100), ("ddim", 16), ("dpmsolver", 4))
 QUICK = ["+debug=fast"]  # tiny models and runs
 
@@ -201,6 +205,86 @@ def bench_rss(overrides: list[str]) -> float:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB
 
 
+def _serve(policy: Any, port: Any, stop: Any) -> None:
+    """The server process of ``bench_server``: answers until ``stop`` is set."""
+    from diffusion_policy.deploy.server import PolicyServer
+
+    torch.set_num_threads(1)
+    with PolicyServer(policy, host="127.0.0.1", port=0, log_every=0) as server:
+        port.value = server.port
+        server.serve(stop=stop)
+
+
+def bench_server(overrides: list[str], ticks: int) -> dict[str, Any]:
+    """Planning ticks at batch 1 (ms, p50 / p99): in-process and through a server process."""
+    import multiprocessing
+
+    import numpy as np
+
+    from diffusion_policy.deploy.client import PolicyClient
+    from diffusion_policy.deploy.controller import Controller
+
+    cfg = compose_cfg("pusht_lowdim_cpu", overrides)
+    dataset = instantiate(cfg.dataset)
+    torch.manual_seed(0)
+    policy = build_policy(cfg, dataset.shape_meta).eval()
+    policy.normalizer.fit(dataset.get_normalizer_data())
+    frames = [{k: v[0].numpy() for k, v in dataset.get_batch([i])["obs"].items()} for i in range(4)]
+    del dataset
+
+    class Timed:
+        """``policy.predict_action``, timed as the server times it."""
+
+        last_predict_ms = 0.0
+
+        def predict_action(self, obs: Any, **kwargs: Any) -> Any:
+            tic = time.perf_counter()
+            out = policy.predict_action(obs, **kwargs)
+            self.last_predict_ms = (time.perf_counter() - tic) * 1e3
+            return out
+
+    def tick_ms(predictor: Any) -> tuple[list[float], list[float]]:
+        """Tick times, and tick times less the model's (what the path adds to the model)."""
+        # replan_at = n_action_steps - 1: every tick plans, as the first tick of a chunk does.
+        controller = Controller(
+            predictor, n_obs_steps=policy.n_obs_steps, n_action_steps=policy.n_action_steps,
+            replan_at=policy.n_action_steps - 1,
+        )  # fmt: skip
+        controller.reset(seed=0)
+        times, added = [], []
+        for i in range(ticks + 2):  # two warm-up ticks
+            tic = time.perf_counter()
+            controller.act({k: v[-1] for k, v in frames[i % len(frames)].items()})  # (Do,)
+            times.append((time.perf_counter() - tic) * 1e3)
+            added.append(times[-1] - predictor.last_predict_ms)
+        return times[2:], added[2:]
+
+    torch.set_num_threads(1)  # one thread each: the server process gets its own core
+    context = multiprocessing.get_context("spawn")
+    port, stop = context.Value("i", 0), context.Event()
+    process = context.Process(target=_serve, args=(policy, port, stop), daemon=True)
+    process.start()
+    try:
+        while port.value == 0 and process.is_alive():
+            time.sleep(0.05)
+        in_process, in_process_added = tick_ms(Timed())
+        with PolicyClient(f"tcp://127.0.0.1:{port.value}", timeout_s=60) as client:
+            remote, remote_added = tick_ms(client)
+    finally:
+        stop.set()
+        process.join(timeout=10)
+
+    def pcts(times: list[float]) -> dict[str, float]:
+        return {"p50": float(np.percentile(times, 50)), "p99": float(np.percentile(times, 99))}
+
+    out = {"ticks": ticks, "num_inference_steps": policy.num_inference_steps}
+    out["in_process_ms"], out["server_ms"] = pcts(in_process), pcts(remote)
+    # Less the model's own time on each tick: what each path adds, free of the model's noise.
+    out["in_process_added_ms"], out["server_added_ms"] = pcts(in_process_added), pcts(remote_added)
+    out["overhead_p50_ms"] = out["server_added_ms"]["p50"] - out["in_process_added_ms"]["p50"]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
@@ -253,6 +337,24 @@ def main() -> None:
             rows.append(("keypoint env", f"{r['env_steps_per_s']:,.0f} steps/s"))
             rows.append((f"keypoint rollout, {r['episodes']} episodes, DDIM 16", f"{r['s']:.1f} s"))
         del dataset
+    if "server" in args.only:
+        results["server"] = r = bench_server(overrides, 20 if args.quick else 200)
+        for name in ("in_process_ms", "server_ms"):
+            label = "in-process" if name == "in_process_ms" else "through the server (loopback)"
+            rows.append(
+                (
+                    f"planning tick, batch 1, {label}",
+                    f"p50 {r[name]['p50']:.2f} / p99 {r[name]['p99']:.2f} ms",
+                )
+            )
+        added = r["server_added_ms"]
+        rows.append(
+            (
+                "server overhead (tick less the model's time)",
+                f"p50 {added['p50']:.2f} / p99 {added['p99']:.2f} ms "
+                f"(in-process {r['in_process_added_ms']['p50']:.2f} ms at p50)",
+            )
+        )
     if "rss" in args.only:
         results["image"]["peak_rss_gib"] = rss = bench_rss(overrides)
         rows.append(("image training peak RSS", f"{rss:.2f} GiB"))

@@ -61,6 +61,7 @@ class PolicyClient:
         self._socket.connect(address)
         self._info: dict[str, Any] | None = None
         self.last_server_ms = 0.0  # the server's time on the last request
+        self.last_predict_ms = 0.0  # of which its policy's predict_action
 
     def predict_action(
         self, obs: Mapping[str, torch.Tensor | np.ndarray], generator: torch.Generator | None = None
@@ -84,6 +85,7 @@ class PolicyClient:
         if generator is not None:
             fields["seed"] = int(generator.initial_seed())
         reply = self.call("predict", **fields)
+        self.last_predict_ms = float(reply.get("predict_ms", 0.0))
         return {ACTION: torch.from_numpy(np.array(reply[ACTION], dtype=np.float32))}
 
     def info(self) -> dict[str, Any]:

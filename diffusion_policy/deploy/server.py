@@ -226,10 +226,11 @@ class PolicyServer:
             if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
                 raise WireError(f"seed={seed!r} must be an int in [0, 2**63) or absent")
             kwargs["generator"] = torch.Generator().manual_seed(seed)
+        tic = time.perf_counter()
         with torch.no_grad():
             out = self.policy.predict_action(obs, **kwargs)
         action = out[ACTION].detach().float().cpu().numpy()  # (B, Ta, Da)
-        return {ACTION: action}
+        return {ACTION: action, "predict_ms": (time.perf_counter() - tic) * 1e3}
 
     def _check_obs(self, obs: Any) -> dict[str, torch.Tensor]:
         """Observations {key: (B, To, *shape)} as the policy's shape_meta describes them."""
