@@ -3,38 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from diffusion_policy.denoisers.layers import StepEncoder
+from diffusion_policy.denoisers.temporal_conv import TemporalConv1d
 
-
-class TemporalConv1d(nn.Conv1d):
-    """A "same"-padded Conv1d computed as one matrix product over unfolded windows.
-
-    Action sequences are short (16 steps, 4 at the UNet's bottom) and wide (up to 2048
-    channels), a shape for which oneDNN's direct convolution is slow on CPUs (its backward
-    pass runs at a fraction of the GEMM rate). Unfolding the kernel windows turns the
-    convolution into a single (B * T, C_in * k) @ (C_in * k, C_out) product. The parameters are
-    those of ``nn.Conv1d``, so checkpoints do not depend on the path.
-    """
-
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int) -> None:
-        # "Same" padding of k // 2 on both sides keeps the length only for an odd kernel.
-        if kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size={kernel_size} must be odd")
-        super().__init__(in_ch, out_ch, kernel_size, padding=kernel_size // 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C_in, T) -> (B, C_out, T)."""
-        if x.device.type != "cpu":
-            return super().forward(x)
-        B, C, T = x.shape
-        k = self.kernel_size[0]
-        windows = F.pad(x, (k // 2, k // 2)).unfold(2, k, 1)  # (B, C_in, T, k)
-        windows = windows.transpose(1, 2).reshape(B * T, C * k)
-        y = torch.addmm(self.bias, windows, self.weight.view(self.out_channels, -1).t())
-        return y.view(B, T, self.out_channels).transpose(1, 2)  # (B, C_out, T)
+__all__ = ["ConditionalUnet1D", "ConvBlock", "FiLMResBlock", "TemporalConv1d"]
 
 
 class ConvBlock(nn.Sequential):

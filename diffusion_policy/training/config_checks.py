@@ -66,7 +66,7 @@ class TrainerSchema:
     max_val_steps: int | None = _int(1)
     max_nonfinite_steps: int = _int(1)
     max_minutes: float | None = _positive_number()
-    precision: str = MISSING
+    precision: str = field(default=MISSING, metadata={"choices": ("auto", "fp32", "bf16")})
     compile: bool = MISSING
 
 
@@ -143,6 +143,8 @@ def check_fields(schema: type, cfg: Mapping[str, Any], prefix: str) -> None:
             _check_int(name, value, f.metadata["low"], nullable)
         elif f.metadata.get("positive"):
             _check_positive(name, value)
+        elif "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise ConfigError(f"{name}={value!r} must be one of {f.metadata['choices']}")
 
 
 def _check_int(name: str, value: Any, low: int, nullable: bool) -> None:

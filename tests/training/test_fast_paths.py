@@ -1,17 +1,32 @@
 """Each fast path gives the plain path's results at a fixed seed, within a stated tolerance."""
 
 import copy
+import dataclasses
+import re
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from diffusion_policy.training import precision
 from diffusion_policy.training.checkpoint import load_checkpoint
-from diffusion_policy.training.precision import autocast, cpu_has_bf16_math
+from diffusion_policy.training.config_checks import ConfigError, TrainerSchema, check_fields
+from diffusion_policy.training.precision import (
+    PRECISIONS,
+    autocast,
+    choose_precision,
+    cpu_flags,
+    cpu_has_bf16_math,
+    resolve_precision,
+)
 from diffusion_policy.training.trainer import Trainer
 from tests.helpers import debug_cfg
 from tests.policies.test_diffusion_policy import fit_normalizer, make_batch, make_policy
 
+REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
+TRAINER_YAML = dict(yaml.safe_load((REPO / "configs" / "trainer" / "default.yaml").read_text()))
 
 
 def _policy_and_batch():
@@ -91,6 +106,56 @@ def test_bf16_detection_reads_cpu_flags():
     assert cpu_has_bf16_math("flags\t: fpu avx2 avx512f avx512_bf16 amx_tile")
     assert cpu_has_bf16_math("flags\t: fpu avx2 amx_bf16")
     assert not cpu_has_bf16_math("flags\t: fpu avx2 fma avx512f avx512_vnni")
+
+
+AVX2_ONLY = cpu_flags("processor\t: 0\nflags\t\t: fpu sse4_2 avx avx2 fma\npower management:\n")
+AVX512_BF16 = cpu_flags("flags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16")
+
+
+def test_cpu_flags_are_read_from_the_flags_line():
+    assert {"fpu", "sse4_2", "avx", "avx2", "fma"} == AVX2_ONLY
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected", "reason"),
+    [
+        (AVX2_ONLY, "fp32", r"no native bf16 \(flags: avx2\)"),
+        (AVX512_BF16, "bf16", r"native bf16 \(flags: avx2 avx512f avx512_vnni avx512_bf16\)"),
+        (frozenset({"avx2", "amx_tile", "amx_bf16"}), "bf16", r"amx_tile amx_bf16"),
+    ],
+)
+def test_auto_precision_on_a_cpu_follows_its_bf16_flags(flags, expected, reason):
+    chosen, why = choose_precision(CPU, flags=flags)
+    assert chosen == expected
+    assert re.search(reason, why), why
+
+
+@pytest.mark.parametrize(("cuda_bf16", "expected"), [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_on_a_gpu_follows_its_bf16_support(cuda_bf16, expected):
+    assert choose_precision(torch.device("cuda"), cuda_bf16=cuda_bf16)[0] == expected
+
+
+def test_auto_is_resolved_and_logged_once(monkeypatch, caplog):
+    precision._auto_precision.cache_clear()
+    monkeypatch.setattr(precision, "cpu_flags", lambda: AVX2_ONLY)
+    with caplog.at_level("INFO", logger=precision.__name__):
+        assert resolve_precision("auto", CPU) == "fp32"
+        with autocast(CPU, "auto"):
+            assert not torch.is_autocast_enabled("cpu")
+    precision._auto_precision.cache_clear()
+    assert [r.getMessage() for r in caplog.records] == [
+        "precision=auto -> fp32: this CPU has no native bf16 (flags: avx2)"
+    ]
+    assert resolve_precision("bf16", CPU) == "bf16"  # explicit values are kept
+
+
+def test_schema_accepts_the_precisions_and_names_another():
+    choices = {f.name: f for f in dataclasses.fields(TrainerSchema)}["precision"].metadata
+    assert choices["choices"] == PRECISIONS
+    with pytest.raises(ConfigError, match=r"trainer\.precision='fp16' must be one of"):
+        check_fields(TrainerSchema, {**TRAINER_YAML, "precision": "fp16"}, prefix="trainer.")
+    assert TRAINER_YAML["precision"] == "auto"  # the default
+    check_fields(TrainerSchema, TRAINER_YAML, prefix="trainer.")
 
 
 @pytest.mark.slow
