@@ -45,6 +45,7 @@ def test_export_then_load_gives_identical_actions(exported):
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
+@pytest.mark.slow  # a subprocess: ~20 s of imports on a busy machine
 def test_export_script_writes_the_ema_weights(tmp_path):
     write_checkpoint(tmp_path / "tiny.ckpt", tiny_policy())
     out = tmp_path / "export"

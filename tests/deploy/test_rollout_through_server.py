@@ -60,10 +60,14 @@ def _compare(served, n_test: int, max_steps: int, n_envs: int | None) -> None:
     with PolicyClient(address, timeout_s=30) as client:
         remote = Recorder(client)
         through_server = runner.run(remote)
-    assert _scores(through_server) == _scores(in_process)
     assert len(remote.chunks) == len(local.chunks)
-    for a, b in zip(remote.chunks, local.chunks, strict=True):
-        assert torch.equal(a, b)
+    for i, (a, b) in enumerate(zip(remote.chunks, local.chunks, strict=True)):
+        assert torch.equal(a, b), f"chunk {i}: max difference {(a - b).abs().max()}"
+    # Same chunks, bit for bit; the scores agree to float round-off: after other tests in the
+    # same process the simulator's scores have been seen to differ in the 16th digit.
+    expected = [(seed, pytest.approx(score, rel=1e-12, abs=1e-12), steps)
+                for seed, score, steps in _scores(in_process)]  # fmt: skip
+    assert _scores(through_server) == expected
 
 
 def test_five_seeds_through_the_server_score_as_in_process(served):
