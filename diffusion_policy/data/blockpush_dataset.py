@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from diffusion_policy.data.keys import ACTION, OBS
 from diffusion_policy.data.sequence_dataset import Field, SequenceDataset
@@ -26,26 +26,13 @@ class BlockPushLowdimDataset(SequenceDataset):
     def __init__(
         self,
         zarr_path: str = str(DEFAULT_BLOCKPUSH_PATH),
-        horizon: int = 16,
-        n_obs_steps: int = 2,
-        n_action_steps: int = 8,
-        val_ratio: float = 0.02,
-        seed: int = 42,
-        max_train_episodes: int | None = None,
         generate_episodes: int = 1000,
         generate_seed: int = 0,
+        **kwargs: Any,
     ) -> None:
         self.generate_episodes = generate_episodes
         self.generate_seed = generate_seed
-        super().__init__(
-            zarr_path,
-            horizon=horizon,
-            n_obs_steps=n_obs_steps,
-            n_action_steps=n_action_steps,
-            val_ratio=val_ratio,
-            seed=seed,
-            max_train_episodes=max_train_episodes,
-        )
+        super().__init__(zarr_path, **kwargs)
 
     def prepare_store(self, zarr_path: str) -> str:
         """Generates the store with the scripted oracle when it is absent."""

@@ -1,12 +1,17 @@
-"""Fake policies for the deploy tests: their actions say which observations they saw."""
+"""Fake policies for the deploy tests (their actions say which observations they saw), and a
+server on loopback for a test."""
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
 from diffusion_policy.data.keys import LOW_DIM
+from diffusion_policy.deploy.server import PolicyServer
 
 
 class EchoPolicy:
@@ -107,3 +112,20 @@ def write_checkpoint(path, policy) -> None:
     ema = {k: v + 0.01 if v.is_floating_point() else v for k, v in policy.state_dict().items()}
     state = {"config": TINY_CFG, "shape_meta": PUSHT_SHAPE_META, "model": policy.state_dict()}
     save_checkpoint(path, {**state, "ema": {"model": ema}})
+
+
+@contextmanager
+def serving(policy, **kwargs) -> Iterator[tuple[PolicyServer, str]]:
+    """A server for ``policy`` on 127.0.0.1 (a free port), in a thread: (server, address)."""
+    server = PolicyServer(policy, host="127.0.0.1", port=0, **kwargs)
+    server.bind()
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, kwargs={"stop": stop}, daemon=True)
+    thread.start()
+    try:
+        yield server, f"tcp://127.0.0.1:{server.port}"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        server.close()
+        assert not thread.is_alive()

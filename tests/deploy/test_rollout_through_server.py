@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from diffusion_policy.deploy.client import PolicyClient
-from diffusion_policy.deploy.server import PolicyServer
 from diffusion_policy.envs.runner import PushTRunner
-from tests.deploy.fakes import tiny_policy
+from tests.deploy.fakes import serving, tiny_policy
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,17 +30,8 @@ class Recorder:
 @pytest.fixture(scope="module")
 def served():
     policy = tiny_policy()
-    server = PolicyServer(policy, host="127.0.0.1", port=0)
-    server.bind()
-    stop = threading.Event()
-    thread = threading.Thread(target=server.serve, kwargs={"stop": stop}, daemon=True)
-    thread.start()
-    try:
-        yield policy, f"tcp://127.0.0.1:{server.port}"
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        server.close()
+    with serving(policy) as (_, address):
+        yield policy, address
 
 
 def _scores(result) -> list[tuple[int, float, int]]:

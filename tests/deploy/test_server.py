@@ -5,10 +5,6 @@ Every socket here is on 127.0.0.1, every wait bounded.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import msgpack
 import numpy as np
 import pytest
@@ -18,25 +14,9 @@ import zmq
 from diffusion_policy.deploy import wire
 from diffusion_policy.deploy.client import PolicyClient, ServerError
 from diffusion_policy.deploy.server import PolicyServer
-from tests.deploy.fakes import EchoPolicy
+from tests.deploy.fakes import EchoPolicy, serving
 
 TOKEN = "a-token-of-32-characters-or-so.."
-
-
-@contextmanager
-def serving(policy, **kwargs) -> Iterator[tuple[PolicyServer, str]]:
-    server = PolicyServer(policy, host="127.0.0.1", port=0, **kwargs)
-    server.bind()
-    stop = threading.Event()
-    thread = threading.Thread(target=server.serve, kwargs={"stop": stop}, daemon=True)
-    thread.start()
-    try:
-        yield server, f"tcp://127.0.0.1:{server.port}"
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        server.close()
-        assert not thread.is_alive()
 
 
 def _good(request_id: int = 1, **extra) -> dict:

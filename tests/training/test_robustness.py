@@ -7,7 +7,6 @@ import itertools
 import logging
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -36,19 +35,6 @@ REPO = Path(__file__).resolve().parents[2]
 def _cfg(zarr: Path, *overrides: str):
     """A `+debug=fast` run: 3 steps per epoch, a checkpoint per epoch, no rollouts."""
     return debug_cfg(zarr, "trainer.rollout_every=0", *overrides)
-
-
-@pytest.fixture(scope="module")
-def one_epoch_run(tmp_path_factory, pusht_zarr_path) -> Path:
-    """A run folder after one epoch (3 steps): checkpoints/latest.ckpt at epoch 1, step 3."""
-    run = tmp_path_factory.mktemp("one_epoch") / "run"
-    Trainer(_cfg(pusht_zarr_path, "trainer.num_epochs=1"), run).train()
-    return run
-
-
-@pytest.fixture
-def run_copy(one_epoch_run, tmp_path) -> Path:
-    return Path(shutil.copytree(one_epoch_run, tmp_path / "run"))
 
 
 def _latest(run: Path) -> Path:

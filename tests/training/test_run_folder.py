@@ -7,7 +7,6 @@ import errno
 import itertools
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,19 +33,6 @@ def _cfg(zarr: Path, *overrides: str):
     return debug_cfg(
         zarr, "trainer.rollout_every=0", "trainer.max_train_steps_per_epoch=2", *overrides
     )
-
-
-@pytest.fixture(scope="module")
-def one_epoch_run(tmp_path_factory, pusht_zarr_path) -> Path:
-    """A run folder after one epoch: checkpoints/latest.ckpt at epoch 1, step 2."""
-    run = tmp_path_factory.mktemp("one_epoch") / "run"
-    Trainer(_cfg(pusht_zarr_path, "trainer.num_epochs=1"), run).train()
-    return run
-
-
-@pytest.fixture
-def run_copy(one_epoch_run, tmp_path) -> Path:
-    return Path(shutil.copytree(one_epoch_run, tmp_path / "run"))
 
 
 def _latest(run: Path) -> Path:
