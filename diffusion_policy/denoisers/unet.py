@@ -108,8 +108,28 @@ class ConditionalUnet1D(nn.Module):
             nn.Conv1d(down_dims[0], action_dim, 1),
         )
 
+    def film_condition(self, timestep: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The FiLM input of every block: step embedding and observation features.
+
+        Sampling computes it for all its steps in one call, before the denoising loop, and
+        passes each step's row to :meth:`forward` as ``film``.
+
+        Args:
+            timestep: Diffusion steps, (B,) or a scalar.
+            cond: Observation features, (B, To, cond_dim) or (B, To * cond_dim).
+
+        Returns:
+            (B, step_embed_dim + To * cond_dim).
+        """
+        timestep = torch.as_tensor(timestep, device=cond.device).expand(cond.shape[0])
+        return torch.cat([self.step_encoder(timestep), cond.flatten(1)], dim=-1)
+
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: torch.Tensor,
+        film: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predicts the noise (or the clean sample) for a noisy action sequence.
 
@@ -117,14 +137,14 @@ class ConditionalUnet1D(nn.Module):
             sample: Noisy actions, (B, T, Da).
             timestep: Diffusion steps, (B,) or a scalar.
             cond: Observation features, (B, To, cond_dim), or already flattened (B, To * cond_dim).
+            film: :meth:`film_condition` of ``timestep`` and ``cond`` when already computed;
+                then ``timestep`` and ``cond`` are not read.
 
         Returns:
             The model output, (B, T, Da).
         """
-        B = sample.shape[0]
-        timestep = torch.as_tensor(timestep, device=sample.device).expand(B)
-        cond = cond.flatten(1)  # (B, To * cond_dim)
-        film = torch.cat([self.step_encoder(timestep), cond], dim=-1)  # (B, film_dim)
+        if film is None:
+            film = self.film_condition(timestep, cond)  # (B, film_dim)
 
         x = sample.transpose(1, 2).contiguous()  # (B, Da, T)
         skips = []

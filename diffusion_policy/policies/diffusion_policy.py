@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -210,6 +211,39 @@ class DiffusionPolicy(nn.Module):
             return float(config.get("sample_max_value", 1.0))
         return None
 
+    def _set_timesteps(self, device: torch.device) -> None:
+        """``set_timesteps`` of the sampler, replayed from a snapshot while nothing changed.
+
+        Setting up a schedule costs a few hundred microseconds of Python and numpy per call
+        (as much as a small denoiser's step at batch 1). The first call with a given scheduler,
+        number of steps and device saves the scheduler's state just after ``set_timesteps``;
+        later calls restore that state (the multistep solvers keep their history in it).
+        """
+        scheduler, key = self.noise_scheduler, (self.num_inference_steps, device)
+        cached = getattr(self, "_timesteps_cache", None)
+        if cached is not None and cached[0] is scheduler and cached[1] == key:
+            scheduler.__dict__.update(_copy_state(cached[2]))
+            return
+        scheduler.set_timesteps(self.num_inference_steps, device=device)
+        self._timesteps_cache = (scheduler, key, _copy_state(vars(scheduler)))
+
+    def _film_conditions(self, timesteps: torch.Tensor, cond: torch.Tensor) -> list[Any]:
+        """Every step's FiLM conditioning (B, film_dim), computed in one batched call.
+
+        The step embedding and the observation features do not depend on the sample, so a
+        denoiser with ``film_condition`` (the UNet) gets them for all steps before the loop.
+        Returns a list of None for other denoisers.
+        """
+        denoiser = getattr(self.denoiser, "_orig_mod", self.denoiser)
+        if not hasattr(denoiser, "film_condition"):
+            return [None] * len(timesteps)
+        S, B = len(timesteps), cond.shape[0]
+        film = denoiser.film_condition(
+            timesteps.to(cond.device).repeat_interleave(B),  # (S * B,)
+            cond.repeat(S, *[1] * (cond.dim() - 1)),  # (S * B, To, F)
+        )
+        return list(film.view(S, B, -1).unbind(0))  # S x (B, film_dim)
+
     @torch.no_grad()
     def predict_action(
         self, obs: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
@@ -233,17 +267,18 @@ class DiffusionPolicy(nn.Module):
         ).to(device=cond.device, dtype=cond.dtype)  # (B, T, Da)
 
         scheduler = self.noise_scheduler
-        scheduler.set_timesteps(self.num_inference_steps, device=cond.device)
+        self._set_timesteps(cond.device)
         # Some schedulers (UniPC) draw no noise and take no generator.
-        step_kwargs = (
-            {"generator": generator}
-            if "generator" in inspect.signature(scheduler.step).parameters
-            else {}
-        )
+        step_kwargs = {"generator": generator} if _takes_generator(type(scheduler)) else {}
+        timesteps = scheduler.timesteps  # (S,)
+        films = self._film_conditions(timesteps, cond)  # S x (B, film_dim), or S x None
         x = x * scheduler.init_noise_sigma  # 1 for variance-preserving schedulers
-        for t in scheduler.timesteps:
+        for t, film in zip(timesteps, films, strict=True):
             model_input = scheduler.scale_model_input(x, t)  # identity unless sigma-scaled
-            model_output = self.denoiser(model_input, t, cond)
+            if film is None:
+                model_output = self.denoiser(model_input, t, cond)
+            else:
+                model_output = self.denoiser(model_input, t, cond, film=film)
             x = scheduler.step(model_output, t, x, **step_kwargs).prev_sample
         clip = self._clip_range()
         if clip is not None:
@@ -255,6 +290,17 @@ class DiffusionPolicy(nn.Module):
             ACTION: action_pred[:, start : start + self.n_action_steps],
             "action_pred": action_pred,
         }
+
+
+@functools.cache
+def _takes_generator(scheduler_type: type) -> bool:
+    """Whether the scheduler's ``step`` draws noise from a ``generator`` argument."""
+    return "generator" in inspect.signature(scheduler_type.step).parameters
+
+
+def _copy_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a scheduler's attributes; its lists (the solvers' history) copied too."""
+    return {k: list(v) if isinstance(v, list) else v for k, v in state.items()}
 
 
 def _check_steps(num_inference_steps: int | None) -> int | None:
