@@ -13,7 +13,8 @@ min / median over ``--repeats`` runs after a warm-up run. Figures:
   this machine's peak, estimated as the best rate of a large fp32 matrix product.
 - ``loader``: samples/s of the training ``DataLoader`` (shuffled windows, batches built by the
   datasets' ``__getitems__``), as in training.
-- ``latency``: ``predict_action`` on one observation (batch 1) per sampler setting.
+- ``latency``: ``predict_action`` on one observation (batch 1) per sampler setting, and the CPU
+  recipe's model (``pusht_lowdim_cpu``: UNet [32, 64, 128]) with its own sampler.
 - ``rollout``: steps/s of one keypoint env, and the wall time of a 50-episode keypoint
   evaluation (test seeds, DDIM 16 steps; untrained weights, so every episode runs its 300 steps).
 - ``rss``: peak resident memory of a ``train.py +experiment=pusht`` process (3 steps).
@@ -147,6 +148,22 @@ def bench_latency(cfg: Any, dataset: Any, repeats: int) -> dict[str, Any]:
         timed(lambda: policy.predict_action(obs), repeats, warmup=2)
     )
     return out
+
+
+def bench_recipe_latency(overrides: list[str], repeats: int) -> dict[str, Any]:
+    """``predict_action`` seconds at batch 1 of the CPU recipe's model with its own sampler."""
+    cfg = compose_cfg("pusht_lowdim_cpu", overrides)
+    dataset = instantiate(cfg.dataset)
+    torch.manual_seed(0)
+    policy = build_policy(cfg, dataset.shape_meta).eval()
+    policy.normalizer.fit(dataset.get_normalizer_data())
+    obs = dataset.get_batch([0])["obs"]
+    name = cfg.noise_scheduler._target_.split(".")[-1].removesuffix("Scheduler").lower()
+    return {
+        f"{name}_{policy.num_inference_steps}": summary(
+            timed(lambda: policy.predict_action(obs), repeats, warmup=2)
+        )
+    }
 
 
 def setting_label(setting: str) -> str:
@@ -337,6 +354,15 @@ def main() -> None:
             rows.append(("keypoint env", f"{r['env_steps_per_s']:,.0f} steps/s"))
             rows.append((f"keypoint rollout, {r['episodes']} episodes, DDIM 16", f"{r['s']:.1f} s"))
         del dataset
+    if "latency" in args.only:
+        results["cpu_recipe"] = {"latency": bench_recipe_latency(overrides, args.repeats)}
+        for setting, s in results["cpu_recipe"]["latency"].items():
+            rows.append(
+                (
+                    f"CPU recipe (pusht_lowdim_cpu) predict_action, {setting_label(setting)}",
+                    f"{1000 * s['min']:.1f} / {1000 * s['median']:.1f} ms",
+                )
+            )
     if "server" in args.only:
         results["server"] = r = bench_server(overrides, 20 if args.quick else 200)
         for name in ("in_process_ms", "server_ms"):
