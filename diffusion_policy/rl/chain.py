@@ -1,0 +1,252 @@
+"""The stochastic denoising chain of a diffusion policy, and its log-likelihood.
+
+Sampling with DDPM (or DDIM with ``eta > 0``) draws every intermediate sample from a Gaussian,
+``x_{k-1} ~ N(mu_theta(x_k, k, obs), sigma_k^2 I)``, so a whole chain ``x_S, ..., x_0`` has a
+likelihood: the product of its steps' Gaussian densities. That makes the chain a policy in the
+RL sense whose log-probability is differentiable in the denoiser's weights (DPPO, Ren et al.
+2024). Each step here is the DDIM update with stochasticity ``eta`` over the sampler's timesteps
+(``eta = 1`` over all training steps is DDPM's posterior, ``variance_type="fixed_small"``):
+
+    x0_hat  = the clean sample the denoiser predicts at x_k (clamped if the scheduler clips)
+    eps_hat = (x_k - sqrt(a_k) x0_hat) / sqrt(1 - a_k)
+    sigma_k = eta * sqrt((1 - a_prev) / (1 - a_k)) * sqrt(1 - a_k / a_prev)
+    mu      = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma_k^2) eps_hat
+    std     = max(sigma_k, min_std)
+
+with ``a`` the cumulative alphas. The standard deviation is clipped from below by ``min_std`` so
+that exploration never vanishes (the last step's ``sigma`` is 0) and every log-density is
+finite. Only the last ``ft_steps`` steps are fine-tuned (and scored); a frozen copy of the
+initial denoiser runs the earlier ones.
+
+The chain works on the policy's public parts (``denoiser``, ``noise_scheduler``, ``normalizer``,
+``encode_obs``) and leaves the policy's own sampler, the one deployed, untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from diffusion_policy.data.keys import ACTION
+from diffusion_policy.policies.diffusion_policy import DiffusionPolicy
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+@dataclass
+class ChainSample:
+    """A batch of sampled chains; the fine-tuned part is what PPO needs.
+
+    Attributes:
+        action: The final sample, unnormalized and clamped if the scheduler clips (B, T, Da).
+        samples: The fine-tuned steps' inputs and the final sample, x_K..x_0 (B, K + 1, T, Da),
+            normalized: step ``j`` maps ``samples[:, j]`` to ``samples[:, j + 1]``.
+        log_probs: Each fine-tuned step's log-density, summed over (T, Da) (B, K).
+    """
+
+    action: torch.Tensor
+    samples: torch.Tensor
+    log_probs: torch.Tensor
+
+
+class DenoisingChain(nn.Module):
+    """Samples a policy's denoising chain stochastically and scores its fine-tuned steps.
+
+    Args:
+        policy: The diffusion policy; its ``denoiser`` is the one fine-tuned.
+        num_steps: Denoising steps of the chain (evenly spaced training timesteps, the last one
+            first); None uses every training step (DDPM).
+        ft_steps: How many of the last steps are fine-tuned (0..num_steps).
+        eta: Stochasticity of each step, in (0, 1]; 1 is DDPM's posterior variance.
+        min_std: Lower bound of every step's standard deviation (> 0).
+
+    Raises:
+        ValueError: A value out of range, naming it.
+    """
+
+    def __init__(
+        self,
+        policy: DiffusionPolicy,
+        num_steps: int | None = None,
+        ft_steps: int = 10,
+        eta: float = 1.0,
+        min_std: float = 0.1,
+    ) -> None:
+        super().__init__()
+        n_train = policy.num_train_timesteps
+        num_steps = n_train if num_steps is None else num_steps
+        if not 1 <= num_steps <= n_train:
+            raise ValueError(f"num_steps={num_steps} must be in [1, num_train_timesteps={n_train}]")
+        if not 0 <= ft_steps <= num_steps:
+            raise ValueError(f"ft_steps={ft_steps} must be in [0, num_steps={num_steps}]")
+        if not 0.0 < eta <= 1.0:
+            raise ValueError(f"eta={eta} must be in (0, 1]")
+        if not min_std > 0:
+            raise ValueError(f"min_std={min_std} must be > 0")
+        self.policy = policy
+        # The frozen initial denoiser runs the steps that are not fine-tuned (and anchors the
+        # optional KL penalty); it is not a submodule, so the policy's state dict is unchanged.
+        self._base = [copy.deepcopy(policy.denoiser).requires_grad_(False).eval()]
+        self.ft_steps = ft_steps
+        self.eta = eta
+        self.min_std = min_std
+        # Training timesteps, the noisiest first, e.g. 99, 89, ..., 9 for 10 of 100.
+        step = n_train / num_steps
+        timesteps = [round(n_train - 1 - i * step) for i in range(num_steps)]
+        self.register_buffer("timesteps", torch.tensor(timesteps), persistent=False)  # (S,)
+        next_timestep = torch.full((n_train,), -1)  # training timestep -> the chain's next
+        next_timestep[timesteps[:-1]] = torch.tensor(timesteps[1:], dtype=torch.long)
+        self.register_buffer("next_timestep", next_timestep, persistent=False)  # (n_train,)
+        config = policy.noise_scheduler.config
+        self.clip = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample") else None
+        self.prediction_type = config.prediction_type
+
+    @property
+    def base_denoiser(self) -> nn.Module:
+        """The frozen copy of the denoiser as it was when the chain was made."""
+        return self._base[0]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def ft_timesteps(self) -> torch.Tensor:
+        """The fine-tuned steps' timesteps (K,), in chain order."""
+        return self.timesteps[self.num_steps - self.ft_steps :]
+
+    def _alphas(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cumulative alphas at ``t`` (B,) and at the chain's next timestep (1 after the last)."""
+        a = _alphas_cumprod(self.policy, like)  # (num_train_timesteps,)
+        nxt = self.next_timestep.to(t.device)[t]  # (B,), -1 after the last step
+        a_prev = torch.where(nxt >= 0, a[nxt.clamp_min(0)], torch.ones_like(a[t]))
+        return a[t], a_prev
+
+    def gaussian(
+        self, denoiser: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean and standard deviation of ``x_{k-1}`` given ``x_k``.
+
+        Args:
+            denoiser: The network to use (the policy's, or :attr:`base_denoiser`).
+            x: Normalized samples x_k (B, T, Da).
+            t: Their training timesteps (B,), each one of the chain's.
+            cond: The observation features (B, To, F).
+
+        Returns:
+            ``mean`` (B, T, Da) and ``std`` (B, 1, 1).
+        """
+        a_t, a_prev = self._alphas(t, x)  # (B,), (B,)
+        a_t, a_prev = a_t.view(-1, 1, 1), a_prev.view(-1, 1, 1)
+        out = denoiser(x, t, cond)  # (B, T, Da)
+        if self.prediction_type == "epsilon":
+            x0 = (x - (1 - a_t).sqrt() * out) / a_t.sqrt()
+        elif self.prediction_type == "sample":
+            x0 = out
+        elif self.prediction_type == "v_prediction":
+            x0 = a_t.sqrt() * x - (1 - a_t).sqrt() * out
+        else:
+            raise ValueError(f"unsupported prediction_type={self.prediction_type!r}")
+        if self.clip is not None:
+            x0 = x0.clamp(-self.clip, self.clip)
+        eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+        var = ((1 - a_prev) / (1 - a_t)) * (1 - a_t / a_prev)
+        sigma = self.eta * var.clamp_min(0).sqrt()  # (B, 1, 1)
+        mean = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp_min(0).sqrt() * eps
+        return mean, sigma.clamp_min(self.min_std)
+
+    def step_log_prob(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        x_prev: torch.Tensor,
+        cond: torch.Tensor,
+        denoiser: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """log N(x_prev; mu(x, t, cond), std^2), summed over (T, Da).
+
+        Args:
+            x: Step inputs (B, T, Da).
+            t: Their timesteps (B,).
+            x_prev: Step outputs (B, T, Da).
+            cond: Observation features (B, To, F).
+            denoiser: The network; the policy's (fine-tuned) one if None.
+
+        Returns:
+            ``log_prob`` (B,), ``mean`` (B, T, Da) and ``std`` (B, 1, 1).
+        """
+        mean, std = self.gaussian(denoiser or self.policy.denoiser, x, t, cond)
+        z = (x_prev - mean) / std
+        log_prob = -0.5 * z**2 - std.log() - 0.5 * _LOG_2PI  # (B, T, Da)
+        return log_prob.flatten(1).sum(1), mean, std
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> ChainSample:
+        """Samples one chain per condition.
+
+        Args:
+            cond: Observation features (B, To, F), from ``policy.encode_obs``.
+            generator: Random generator (on ``cond``'s device) for reproducible chains.
+
+        Returns:
+            The :class:`ChainSample`.
+        """
+        policy = self.policy
+        B = cond.shape[0]
+        shape = (B, policy.horizon, policy.action_dim)
+        x = torch.randn(shape, generator=generator, device=cond.device, dtype=cond.dtype)
+        first_ft = self.num_steps - self.ft_steps
+        samples, log_probs = [], []
+        for k, t in enumerate(self.timesteps.to(cond.device)):
+            tt = t.expand(B)  # (B,)
+            fine_tuned = k >= first_ft
+            denoiser = policy.denoiser if fine_tuned else self.base_denoiser
+            mean, std = self.gaussian(denoiser, x, tt, cond)
+            noise = torch.randn(shape, generator=generator, device=cond.device, dtype=cond.dtype)
+            x_prev = mean + std * noise
+            if fine_tuned:
+                samples.append(x)
+                log_prob, _, _ = self.step_log_prob(x, tt, x_prev, cond)
+                log_probs.append(log_prob)
+            x = x_prev
+        samples.append(x)
+        final = x.clamp(-self.clip, self.clip) if self.clip is not None else x
+        return ChainSample(
+            action=policy.normalizer.unnormalize_key(ACTION, final),  # (B, T, Da)
+            samples=torch.stack(samples, 1),  # (B, K + 1, T, Da)
+            log_probs=torch.stack(log_probs, 1) if log_probs else cond.new_zeros(B, 0),  # (B, K)
+        )
+
+    def chain_log_prob(self, samples: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Each fine-tuned step's log-density of given chains under the current denoiser.
+
+        Args:
+            samples: x_K..x_0 of the fine-tuned steps (B, K + 1, T, Da).
+            cond: Observation features (B, To, F).
+
+        Returns:
+            (B, K) log-densities, differentiable in the denoiser's weights.
+        """
+        B, K = samples.shape[0], samples.shape[1] - 1
+        if K != self.ft_steps:
+            raise ValueError(f"samples hold {K} steps, the chain fine-tunes {self.ft_steps}")
+        t = self.ft_timesteps().to(samples.device).repeat(B)  # (B * K,)
+        x = samples[:, :-1].flatten(0, 1)  # (B * K, T, Da)
+        x_prev = samples[:, 1:].flatten(0, 1)
+        cond_k = cond.repeat_interleave(K, 0)  # (B * K, To, F)
+        log_prob, _, _ = self.step_log_prob(x, t, x_prev, cond_k)
+        return log_prob.view(B, K)
+
+
+def _alphas_cumprod(policy: DiffusionPolicy, like: torch.Tensor) -> torch.Tensor:
+    """The policy scheduler's cumulative alphas (num_train_timesteps,) on ``like``'s device."""
+    alphas = getattr(policy.noise_scheduler, "alphas_cumprod", None)
+    if alphas is None:
+        raise ValueError(
+            f"noise scheduler {type(policy.noise_scheduler).__name__} has no alphas_cumprod; "
+            "the chain needs a discrete-time (DDPM-family) schedule"
+        )
+    return alphas.to(device=like.device, dtype=like.dtype)
