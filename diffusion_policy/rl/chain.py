@@ -102,7 +102,8 @@ class DenoisingChain(nn.Module):
         next_timestep[timesteps[:-1]] = torch.tensor(timesteps[1:], dtype=torch.long)
         self.register_buffer("next_timestep", next_timestep, persistent=False)  # (n_train,)
         config = policy.noise_scheduler.config
-        self.clip = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample") else None
+        clips = config.get("clip_sample", False)
+        self.clip = float(config.get("clip_sample_range", 1.0)) if clips else None
         self.prediction_type = config.prediction_type
 
     @property
@@ -231,7 +232,7 @@ class DenoisingChain(nn.Module):
             (B, K) log-densities, differentiable in the denoiser's weights.
         """
         B, K = samples.shape[0], samples.shape[1] - 1
-        if K != self.ft_steps:
+        if self.ft_steps != K:
             raise ValueError(f"samples hold {K} steps, the chain fine-tunes {self.ft_steps}")
         t = self.ft_timesteps().to(samples.device).repeat(B)  # (B * K,)
         x = samples[:, :-1].flatten(0, 1)  # (B * K, T, Da)
