@@ -44,6 +44,12 @@ def make_tiny_policy(seed: int = 0) -> DiffusionPolicy:
     return policy.eval()
 
 
+@pytest.fixture(autouse=True)
+def _gemm_convolutions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No per-shape timing of the convolution paths: PPO minibatches come in many shapes."""
+    monkeypatch.setenv("DP_CONV_PATH", "gemm")
+
+
 @pytest.fixture
 def tiny_policy() -> DiffusionPolicy:
     return make_tiny_policy()
