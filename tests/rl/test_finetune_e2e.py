@@ -1,0 +1,118 @@
+"""A tiny fine-tuning run end to end: rollouts, PPO, evaluation, checkpoint, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from diffusion_policy.rl.finetuner import FineTuner
+from diffusion_policy.training.builders import load_policy
+from diffusion_policy.training.checkpoint import load_checkpoint, save_checkpoint
+from tests.rl.tiny_policy import SHAPE_META, make_tiny_policy
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs" / "finetune")
+
+STORED_CONFIG = {
+    "encoder": {"_target_": "diffusion_policy.encoders.lowdim.LowDimEncoder"},
+    "denoiser": {
+        "_target_": "diffusion_policy.denoisers.unet.ConditionalUnet1D",
+        "_partial_": True,
+        "down_dims": [16, 32],
+        "step_embed_dim": 16,
+    },
+    "noise_scheduler": {
+        "_target_": "diffusers.DDPMScheduler",
+        "num_train_timesteps": 10,
+        "beta_schedule": "squaredcos_cap_v2",
+        "clip_sample": True,
+        "prediction_type": "epsilon",
+    },
+    "horizon": 8,
+    "n_obs_steps": 2,
+    "n_action_steps": 4,
+    "policy": {"num_inference_steps": None},
+    "env_runner": {
+        "_target_": "diffusion_policy.envs.runner.PushTRunner",
+        "obs_type": "keypoint",
+        "n_test": 2,
+        "n_train": 0,
+        "n_obs_steps": 2,
+        "n_action_steps": 4,
+        "max_steps": 8,
+    },
+}
+
+
+@pytest.fixture
+def bc_checkpoint(tmp_path) -> Path:
+    """A checkpoint of an untrained tiny policy, as train.py stores one."""
+    path = tmp_path / "bc.ckpt"
+    policy = make_tiny_policy()
+    save_checkpoint(
+        path, {"model": policy.state_dict(), "config": STORED_CONFIG, "shape_meta": SHAPE_META}
+    )
+    return path
+
+
+def _cfg(checkpoint: Path, *overrides: str):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(
+            config_name="finetune",
+            overrides=[
+                "+experiment=pusht_lowdim_rl",
+                f"checkpoint={checkpoint}",
+                "device=cpu",
+                "logger.mode=disabled",
+                "n_iterations=2",
+                "eval_every=1",
+                "checkpoint_every=1",
+                "chain.num_steps=null",
+                "chain.ft_denoising_steps=3",
+                "rollout.n_envs=2",
+                "rollout.max_steps=8",
+                "eval.n_test=2",
+                "eval.n_envs=2",
+                "ppo.epochs=1",
+                "ppo.minibatch_size=8",
+                "optimizer.actor_lr=1e-3",
+                "critic.hidden_dims=[16]",
+                *overrides,
+            ],
+        )
+
+
+def test_finetune_writes_a_policy_checkpoint_and_resumes(bc_checkpoint, tmp_path):
+    run = tmp_path / "run"
+    FineTuner(_cfg(bc_checkpoint), run).run()
+    latest = run / "checkpoints" / "latest.ckpt"
+    state = load_checkpoint(latest)
+    assert state["finetune"]["iteration"] == 2
+    # The fine-tuned checkpoint is a policy checkpoint, and its weights moved.
+    policy, _ = load_policy(latest)
+    initial, _ = load_policy(bc_checkpoint)
+    moved = [
+        not torch.equal(a, b)
+        for a, b in zip(policy.denoiser.parameters(), initial.denoiser.parameters(), strict=True)
+    ]
+    assert any(moved)
+    records = [json.loads(line) for line in (run / "logs.jsonl").read_text().splitlines()]
+    train = [r for r in records if "train/return" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    for key in ("ppo/approx_kl", "ppo/clip_frac", "ppo/value_loss", "ppo/log_std"):
+        assert key in train[-1]
+    evals = [r for r in records if "eval/test/mean_score" in r]
+    assert [r["step"] for r in evals] == [0, 1, 2]  # before training, then every iteration
+
+    FineTuner(_cfg(bc_checkpoint, "resume=true", "n_iterations=3"), run).run()
+    assert load_checkpoint(latest)["finetune"]["iteration"] == 3
+    records = [json.loads(line) for line in (run / "logs.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train/return" in r] == [1, 2, 3]
+
+
+def test_training_seeds_must_not_overlap_test_seeds(bc_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="train_start_seed=99999"):
+        FineTuner(_cfg(bc_checkpoint, "rollout.train_start_seed=99999"), tmp_path / "run")
