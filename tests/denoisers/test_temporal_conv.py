@@ -88,6 +88,12 @@ def test_auto_times_each_shape_and_mode_once(fresh_choices, monkeypatch):
     assert sorted(fresh_choices.values()) == ["direct", "direct", "gemm"]
 
 
+def test_a_near_tie_keeps_the_default_path():
+    assert temporal_conv._faster({"gemm": 1.0, "direct": 0.95}) == temporal_conv.DEFAULT_PATH
+    assert temporal_conv._faster({"gemm": 1.0, "direct": 0.5}) == "direct"
+    assert temporal_conv._faster({"gemm": 0.5, "direct": 1.0}) == "gemm"
+
+
 def test_measuring_leaves_gradients_and_the_random_stream_alone(fresh_choices):
     conv = TemporalConv1d(3, 4, 5)
     x = torch.randn(2, 3, 8)
