@@ -221,6 +221,7 @@ class FineTuner:
             "env_runner",
             trusted=list(self.cfg.trusted_targets),
             progress=False,
+            output_dir=str(self.run_dir / "media"),
         )
 
     def _check_seeds(self) -> None:
