@@ -3,7 +3,7 @@ PUSHT_ZARR ?= $(firstword $(wildcard ../shared/data/pusht/pusht_cchi_v7_replay.z
 export PUSHT_ZARR
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format bench data data-blockpush train-debug clean
+.PHONY: help install test test-all lint format bench data data-blockpush train-debug finetune clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -35,6 +35,9 @@ data-blockpush: ## Generate the 1,000 BlockPush oracle demonstrations into data/
 
 train-debug: ## A tiny end-to-end training run (seconds)
 	$(PYTHON) train.py +experiment=pusht_lowdim +debug=fast
+
+finetune: ## RL fine-tuning (DPPO) of a trained checkpoint: make finetune CKPT=path/to.ckpt
+	$(PYTHON) finetune.py +experiment=pusht_lowdim_rl checkpoint=$(CKPT)
 
 clean: ## Remove run outputs and caches
 	rm -rf outputs multirun wandb .pytest_cache .ruff_cache
