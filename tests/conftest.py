@@ -10,6 +10,10 @@ import numpy as np
 import pytest
 
 import diffusion_policy.training  # noqa: F401 -- registers trainer/schema before any compose
+
+# One convolution path for every test process (subprocesses inherit it): runs compared bit for
+# bit must not pick different kernels by timing. tests/denoisers tests the automatic choice.
+os.environ.setdefault("DP_CONV_PATH", "gemm")
 from diffusion_policy.data.replay_buffer import ReplayBuffer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
