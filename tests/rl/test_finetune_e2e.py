@@ -116,3 +116,33 @@ def test_finetune_writes_a_policy_checkpoint_and_resumes(bc_checkpoint, tmp_path
 def test_training_seeds_must_not_overlap_test_seeds(bc_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="train_start_seed=99999"):
         FineTuner(_cfg(bc_checkpoint, "rollout.train_start_seed=99999"), tmp_path / "run")
+
+
+def test_zero_learning_rate_leaves_the_policy_unchanged(bc_checkpoint, tmp_path):
+    run = tmp_path / "run"
+    FineTuner(
+        _cfg(bc_checkpoint, "optimizer.actor_lr=0", "n_iterations=1", "eval_every=0"), run
+    ).run()
+    tuned = load_checkpoint(run / "checkpoints" / "latest.ckpt")["model"]
+    for key, value in load_checkpoint(bc_checkpoint)["model"].items():
+        assert torch.equal(tuned[key], value), key
+
+
+def test_resumed_run_ends_where_an_uninterrupted_one_does(bc_checkpoint, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    FineTuner(_cfg(bc_checkpoint, "eval_every=0"), straight).run()
+    FineTuner(_cfg(bc_checkpoint, "eval_every=0", "n_iterations=1"), split).run()
+    FineTuner(_cfg(bc_checkpoint, "eval_every=0", "resume=true"), split).run()
+    a = load_checkpoint(straight / "checkpoints" / "latest.ckpt")
+    b = load_checkpoint(split / "checkpoints" / "latest.ckpt")
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key)
+    for key, value in a["finetune"]["critic"].items():
+        torch.testing.assert_close(b["finetune"]["critic"][key], value, rtol=0, atol=0, msg=key)
+
+
+def test_time_budget_ends_the_run(bc_checkpoint, tmp_path):
+    run = tmp_path / "run"
+    cfg = _cfg(bc_checkpoint, "max_minutes=1e-6", "n_iterations=100", "eval_every=0")
+    FineTuner(cfg, run).run()
+    assert load_checkpoint(run / "checkpoints" / "latest.ckpt")["finetune"]["iteration"] == 1
