@@ -58,6 +58,9 @@ class FineTuner:
 
     def _setup(self) -> None:
         cfg = self.cfg
+        for key, low in (("n_iterations", 0), ("eval_every", 0), ("checkpoint_every", 1)):
+            if cfg[key] < low:
+                raise ValueError(f"{key}={cfg[key]} must be >= {low}")
         self.device = resolve_device(str(cfg.device))
         seed_everything(cfg.seed)
         resume_from = find_resume_checkpoint(self.run_dir, bool(cfg.resume))

@@ -1,0 +1,58 @@
+"""ChunkEnv: one step is one decision; rewards summed; success pays the rest of the episode."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium import spaces
+
+from diffusion_policy.rl.rollouts import ChunkEnv, make_chunk_envs
+
+
+class CountingEnv(gym.Env):
+    """Observes its step count; reward 0.5 per step; succeeds (terminates) at step 3."""
+
+    observation_space = spaces.Dict({"t": spaces.Box(0, 100, (1,), np.float32)})
+    action_space = spaces.Box(-1, 1, (2,), np.float32)
+
+    def reset(self, *, seed: int | None = None, options: Any = None):
+        super().reset(seed=seed)
+        self.t = 0
+        return {"t": np.array([0.0], np.float32)}, {}
+
+    def step(self, action):
+        self.t += 1
+        success = self.t == 3
+        obs = {"t": np.array([self.t], np.float32)}
+        return obs, 0.5, success, False, {"is_success": success}
+
+
+def test_chunk_stops_at_success_and_fills_the_remaining_steps():
+    env = ChunkEnv(CountingEnv(), n_obs_steps=2, n_action_steps=4, max_steps=10)
+    obs, _ = env.reset(seed=0)
+    np.testing.assert_array_equal(obs["t"], [[0.0], [0.0]])  # the first frame repeated
+    obs, reward, terminated, truncated, info = env.step(np.zeros((8, 2)))
+    np.testing.assert_array_equal(obs["t"], [[2.0], [3.0]])  # stopped after step 3 of 4
+    assert terminated and not truncated
+    assert reward == pytest.approx(0.5 * 3 + 0.5 * 7)  # 7 steps left to max_steps
+    assert info["episode_success"] == 1.0
+    assert info["episode_return"] == pytest.approx(1.5)  # the env's own rewards
+
+
+def test_chunk_truncates_at_max_steps_without_fill():
+    env = ChunkEnv(CountingEnv(), 1, 2, max_steps=2, success_bonus=1.0, fill_after_success=False)
+    env.reset()
+    _, reward, terminated, truncated, _ = env.step(np.zeros((2, 2)))
+    assert (reward, terminated, truncated) == (1.0, False, True)
+
+
+def test_vector_of_chunk_envs_batches_histories():
+    envs = make_chunk_envs(CountingEnv, 3, n_obs_steps=2, n_action_steps=2, max_steps=10)
+    obs, _ = envs.reset(seed=[0, 1, 2])
+    assert obs["t"].shape == (3, 2, 1)
+    obs, reward, *_ = envs.step(np.zeros((3, 2, 2)))
+    np.testing.assert_allclose(reward, [1.0, 1.0, 1.0])
+    envs.close()
