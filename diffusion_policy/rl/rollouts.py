@@ -96,7 +96,7 @@ class ChunkEnv(gym.Wrapper):
     ) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
         """Executes ``action[:n_action_steps]`` (Ta, Da), stopping when the episode ends."""
         reward, terminated, truncated, info = 0.0, False, False, {}
-        success = False
+        success, start = False, self._steps
         for a in np.asarray(action)[: self.n_action_steps]:
             obs, r, terminated, truncated, info = self.env.step(a)
             self._history.append(obs)
@@ -113,7 +113,8 @@ class ChunkEnv(gym.Wrapper):
             reward += self.success_bonus
             if self.fill_after_success and terminated:
                 reward += float(r) * (self.max_steps - self._steps)
-        return self._stacked(), reward, terminated, truncated, {**info, **self._episode}
+        info = {**info, **self._episode, "chunk_steps": self._steps - start}
+        return self._stacked(), reward, terminated, truncated, info
 
 
 @dataclass
@@ -213,7 +214,7 @@ def collect(
         rows["rewards"].append(torch.as_tensor(reward, dtype=torch.float32, device=device))
         rows["dones"].append(torch.as_tensor(done, device=device))
         rows["valid"].append(torch.as_tensor(alive.copy(), device=device))
-        env_steps += int(alive.sum()) * policy.n_action_steps
+        env_steps += int(np.asarray(info["chunk_steps"])[alive].sum())
         for e in np.flatnonzero(done & alive):
             episodes["return"].append(float(info["episode_return"][e]))
             episodes["score"].append(float(info["episode_score"][e]))

@@ -39,6 +39,7 @@ def test_chunk_stops_at_success_and_fills_the_remaining_steps():
     assert terminated and not truncated
     assert reward == pytest.approx(0.5 * 3 + 0.5 * 7)  # 7 steps left to max_steps
     assert info["episode_success"] == 1.0
+    assert info["chunk_steps"] == 3
     assert info["episode_return"] == pytest.approx(1.5)  # the env's own rewards
 
 
