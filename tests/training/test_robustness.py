@@ -111,7 +111,7 @@ def test_config_values_are_checked():
     from diffusion_policy.training.config_checks import check_config
 
     trainer = {"num_epochs": 1, "batch_size": 2, "num_workers": 0, "log_every": 1, "topk": 0}
-    trainer |= {"max_nonfinite_steps": 3, "grad_clip_norm": None}
+    trainer |= {"max_nonfinite_steps": 3, "grad_clip_norm": None, "precision": "auto"}
     ok = {"seed": 0, "horizon": 16, "n_obs_steps": 2, "n_action_steps": 8, "trainer": trainer}
     check_config(ok)
     with pytest.raises(ValueError, match=r"trainer.max_nonfinite_steps=0 must be an integer >= 1"):
