@@ -12,11 +12,14 @@ install: ## Install torch (CPU 2.13 unless one is installed), then this package 
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install -e ".[dev]"
 
-test: ## Run the fast test suite (excludes slow and gpu tests)
-	$(PYTHON) -m pytest
+# Test processes: each runs torch on one thread, so N processes use N cores.
+TEST_WORKERS ?= 2
+
+test: ## Run the fast test suite (excludes slow and gpu tests) on TEST_WORKERS processes
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -n $(TEST_WORKERS)
 
 test-all: ## Run every test, slow ones included (gpu tests need CUDA)
-	$(PYTHON) -m pytest -m "not gpu or gpu"
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -n $(TEST_WORKERS) -m "not gpu or gpu"
 
 lint: ## Check style with ruff
 	ruff check . && ruff format --check .
