@@ -145,4 +145,6 @@ def test_time_budget_ends_the_run(bc_checkpoint, tmp_path):
     run = tmp_path / "run"
     cfg = _cfg(bc_checkpoint, "max_minutes=1e-6", "n_iterations=100", "eval_every=0")
     FineTuner(cfg, run).run()
-    assert load_checkpoint(run / "checkpoints" / "latest.ckpt")["finetune"]["iteration"] == 1
+    # A 60 us budget ends the run at its first check: before or after the first iteration,
+    # depending on the machine's load; never at n_iterations.
+    assert load_checkpoint(run / "checkpoints" / "latest.ckpt")["finetune"]["iteration"] in (0, 1)
