@@ -97,7 +97,7 @@ def test_background_planning_at_10hz_never_waits_after_the_first_tick():
             deadline += period
             time.sleep(max(0.0, deadline - time.perf_counter()))
     assert waits[0] >= 0.05  # the first chunk is planned while the robot waits
-    assert max(waits[1:]) < 0.01, waits
+    assert max(waits[1:]) < 0.03, waits  # far below the 50 ms a blocked tick would wait
     assert actions == list(range(24))  # chunks aligned in time: their stale actions dropped
     assert len(policy.calls) > 24 // 8  # it planned ahead, more often than every 8 ticks
 
