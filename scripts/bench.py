@@ -71,12 +71,17 @@ def peak_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int 
     return 2 * n**3 / min(timed(lambda: a @ b, repeats)) / 1e9
 
 
-def bench_step(cfg: Any, dataset: Any, repeats: int) -> dict[str, Any]:
-    """Training-step time and FLOP rate on one fixed batch (data loading excluded)."""
+def fitted_policy(cfg: Any, dataset: Any) -> Any:
+    """An untrained policy of ``cfg`` (seed 0) with its normalizer fit on ``dataset``."""
     torch.manual_seed(0)
     policy = build_policy(cfg, dataset.shape_meta)
     policy.normalizer.fit(dataset.get_normalizer_data())
-    policy.train()
+    return policy
+
+
+def bench_step(cfg: Any, dataset: Any, repeats: int) -> dict[str, Any]:
+    """Training-step time and FLOP rate on one fixed batch (data loading excluded)."""
+    policy = fitted_policy(cfg, dataset).train()
     optimizer = build_optimizer(cfg.optimizer, policy)
     ema = EMA(policy, **cfg.ema.params)
     batch = dataset.get_batch(torch.randperm(len(dataset))[: cfg.trainer.batch_size].numpy())
@@ -128,9 +133,7 @@ def bench_loader(dataset: Any, batch_size: int, seconds: float = 5.0) -> float:
 
 def bench_latency(cfg: Any, dataset: Any, repeats: int) -> dict[str, Any]:
     """``predict_action`` seconds at batch 1 per sampler setting."""
-    torch.manual_seed(0)
-    policy = build_policy(cfg, dataset.shape_meta).eval()
-    policy.normalizer.fit(dataset.get_normalizer_data())
+    policy = fitted_policy(cfg, dataset).eval()
     obs = dataset.get_batch([0])["obs"]
     trained = OmegaConf.to_container(cfg.noise_scheduler, resolve=True)
     out = {}
@@ -154,9 +157,7 @@ def bench_recipe_latency(overrides: list[str], repeats: int) -> dict[str, Any]:
     """``predict_action`` seconds at batch 1 of the CPU recipe's model with its own sampler."""
     cfg = compose_cfg("pusht_lowdim_cpu", overrides)
     dataset = instantiate(cfg.dataset)
-    torch.manual_seed(0)
-    policy = build_policy(cfg, dataset.shape_meta).eval()
-    policy.normalizer.fit(dataset.get_normalizer_data())
+    policy = fitted_policy(cfg, dataset).eval()
     obs = dataset.get_batch([0])["obs"]
     name = cfg.noise_scheduler._target_.split(".")[-1].removesuffix("Scheduler").lower()
     return {
@@ -187,9 +188,7 @@ def bench_rollout(cfg: Any, dataset: Any, n_episodes: int) -> dict[str, Any]:
             env.reset()
     env_steps = n / (time.perf_counter() - start)
 
-    torch.manual_seed(0)
-    policy = build_policy(cfg, dataset.shape_meta).eval()
-    policy.normalizer.fit(dataset.get_normalizer_data())
+    policy = fitted_policy(cfg, dataset).eval()
     ddim = OmegaConf.load(REPO / "configs" / "noise_scheduler" / "ddim.yaml")
     ddim.num_train_timesteps = cfg.noise_scheduler.num_train_timesteps
     policy.set_sampler(instantiate(ddim), min(16, ddim.num_train_timesteps))
@@ -243,9 +242,7 @@ def bench_server(overrides: list[str], ticks: int) -> dict[str, Any]:
 
     cfg = compose_cfg("pusht_lowdim_cpu", overrides)
     dataset = instantiate(cfg.dataset)
-    torch.manual_seed(0)
-    policy = build_policy(cfg, dataset.shape_meta).eval()
-    policy.normalizer.fit(dataset.get_normalizer_data())
+    policy = fitted_policy(cfg, dataset).eval()
     frames = [{k: v[0].numpy() for k, v in dataset.get_batch([i])["obs"].items()} for i in range(4)]
     del dataset
 

@@ -171,7 +171,7 @@ class DiffusionPolicy(nn.Module):
         # cumulative alphas rather than its `add_noise`: the multistep solvers' `add_noise`
         # (DPM-Solver, UniPC) looks sigmas up by their inference timesteps, which does not noise
         # arbitrary training steps correctly. For DDPM and DDIM the two are the same.
-        alpha_bar = self._alphas_cumprod(actions)[timesteps].view(-1, 1, 1)  # (B, 1, 1)
+        alpha_bar = self.alphas_cumprod(actions)[timesteps].view(-1, 1, 1)  # (B, 1, 1)
         noisy = alpha_bar.sqrt() * actions + (1 - alpha_bar).sqrt() * noise
         pred = self.denoiser(noisy, timesteps, cond)
 
@@ -186,7 +186,7 @@ class DiffusionPolicy(nn.Module):
             raise ValueError(f"unsupported prediction_type={prediction_type!r}")
         return F.mse_loss(pred, target)
 
-    def _alphas_cumprod(self, like: torch.Tensor) -> torch.Tensor:
+    def alphas_cumprod(self, like: torch.Tensor) -> torch.Tensor:
         """The scheduler's cumulative alphas (num_train_timesteps,) on ``like``'s device."""
         alphas_cumprod = getattr(self.noise_scheduler, "alphas_cumprod", None)
         if alphas_cumprod is None:

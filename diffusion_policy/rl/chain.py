@@ -121,7 +121,7 @@ class DenoisingChain(nn.Module):
 
     def _alphas(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cumulative alphas at ``t`` (B,) and at the chain's next timestep (1 after the last)."""
-        a = _alphas_cumprod(self.policy, like)  # (num_train_timesteps,)
+        a = self.policy.alphas_cumprod(like)  # (num_train_timesteps,)
         nxt = self.next_timestep.to(t.device)[t]  # (B,), -1 after the last step
         a_prev = torch.where(nxt >= 0, a[nxt.clamp_min(0)], torch.ones_like(a[t]))
         return a[t], a_prev
@@ -240,14 +240,3 @@ class DenoisingChain(nn.Module):
         cond_k = cond.repeat_interleave(K, 0)  # (B * K, To, F)
         log_prob, _, _ = self.step_log_prob(x, t, x_prev, cond_k)
         return log_prob.view(B, K)
-
-
-def _alphas_cumprod(policy: DiffusionPolicy, like: torch.Tensor) -> torch.Tensor:
-    """The policy scheduler's cumulative alphas (num_train_timesteps,) on ``like``'s device."""
-    alphas = getattr(policy.noise_scheduler, "alphas_cumprod", None)
-    if alphas is None:
-        raise ValueError(
-            f"noise scheduler {type(policy.noise_scheduler).__name__} has no alphas_cumprod; "
-            "the chain needs a discrete-time (DDPM-family) schedule"
-        )
-    return alphas.to(device=like.device, dtype=like.dtype)
