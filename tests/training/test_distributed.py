@@ -145,7 +145,12 @@ def test_torchrun_trains_logs_once_and_resumes(pusht_zarr_path, tmp_path):
 
     assert list(cwd.iterdir()) == []  # no rank made a run folder of its own
     assert sorted(p.name for p in run.iterdir()) == [
-        ".hydra", ".lock", "checkpoints", "config.yaml", "logs.jsonl", "train.log"
+        ".hydra",
+        ".lock",
+        "checkpoints",
+        "config.yaml",
+        "logs.jsonl",
+        "train.log",
     ]  # fmt: skip  (.lock: rank 0's run-folder lock)
     records = read_jsonl(run / "logs.jsonl")
     assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]  # once each
