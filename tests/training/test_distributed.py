@@ -144,14 +144,9 @@ def test_torchrun_trains_logs_once_and_resumes(pusht_zarr_path, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
 
     assert list(cwd.iterdir()) == []  # no rank made a run folder of its own
-    assert sorted(p.name for p in run.iterdir()) == [
-        ".hydra",
-        ".lock",
-        "checkpoints",
-        "config.yaml",
-        "logs.jsonl",
-        "train.log",
-    ]  # fmt: skip  (.lock: rank 0's run-folder lock)
+    # .lock: rank 0's run-folder lock.
+    names = [".hydra", ".lock", "checkpoints", "config.yaml", "logs.jsonl", "train.log"]
+    assert sorted(p.name for p in run.iterdir()) == names
     records = read_jsonl(run / "logs.jsonl")
     assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]  # once each
     assert [r["epoch"] for r in records if "epoch" in r] == [0]
