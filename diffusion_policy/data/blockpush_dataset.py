@@ -7,17 +7,20 @@ from typing import Any, ClassVar
 
 from diffusion_policy.data.keys import ACTION, OBS
 from diffusion_policy.data.sequence_dataset import Field, SequenceDataset
+from diffusion_policy.envs.blockpush_actions import absolute_actions
 
 DEFAULT_BLOCKPUSH_PATH = Path("data") / "blockpush" / "blockpush_oracle.zarr"
 
 
 class BlockPushLowdimDataset(SequenceDataset):
-    """BlockPush with the env's 16-value observation and 2-D relative actions (metres).
+    """BlockPush with the env's 16-value observation and 2-D actions (metres).
 
     Samples: ``{"obs": {"obs": (To, 16)}, "action": (T, 2)}``, float32; the observation key is
-    ``"obs"``, the one the rollout runner gives a non-dict observation. A store that is absent is
-    generated first with the scripted oracle (``generate_episodes`` episodes from seed
-    ``generate_seed``; minutes for 1,000). See :class:`SequenceDataset` for the other arguments.
+    ``"obs"``, the one the rollout runner gives a non-dict observation. Actions are the stored
+    relative moves (dx, dy), or with ``abs_action`` the effector targets they set (x, y), for an
+    env built with ``abs_action``. A store that is absent is generated first with the scripted
+    oracle (``generate_episodes`` episodes from seed ``generate_seed``; minutes for 1,000). See
+    :class:`SequenceDataset` for the other arguments.
     """
 
     obs_fields: ClassVar[dict[str, Field]] = {OBS: Field("obs")}
@@ -28,11 +31,15 @@ class BlockPushLowdimDataset(SequenceDataset):
         zarr_path: str = str(DEFAULT_BLOCKPUSH_PATH),
         generate_episodes: int = 1000,
         generate_seed: int = 0,
+        abs_action: bool = False,
         **kwargs: Any,
     ) -> None:
         self.generate_episodes = generate_episodes
         self.generate_seed = generate_seed
+        self.abs_action = abs_action
         super().__init__(zarr_path, **kwargs)
+        if abs_action:
+            self.arrays[ACTION] = absolute_actions(self.arrays[OBS], self.arrays[ACTION])
 
     def prepare_store(self, zarr_path: str) -> str:
         """Generates the store with the scripted oracle when it is absent."""

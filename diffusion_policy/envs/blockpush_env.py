@@ -8,7 +8,9 @@ from scratch on pybullet in DIRECT mode:
 - two 4 cm cube blocks (red, block 0; blue, block 1) and two flat target zones (visual markers,
   no collision);
 - control at 10 Hz: an action moves the effector *target* by (dx, dy) metres, each within
-  [-0.1, 0.1]; the physics then runs :data:`SUBSTEPS` fixed substeps of 1/240 s.
+  [-0.1, 0.1] (the paper's relative action), or with ``abs_action`` names the next target
+  itself (x, y), reached by the same capped move; the physics then runs :data:`SUBSTEPS` fixed
+  substeps of 1/240 s.
 
 How the effector moves: the pusher cylinder is a dynamic rigid body held by a fixed constraint
 whose pivot slides linearly from the old target to the new one over the substeps, with a capped
@@ -37,10 +39,13 @@ import pybullet as pb
 import pybullet_data
 from gymnasium import spaces
 
-# Workspace of the effector (target), metres in the robot base frame.
-WORKSPACE_X = (0.15, 0.7)
-WORKSPACE_Y = (-0.5, 0.5)
-MAX_MOVE = 0.1  # metres per step in x and in y
+from diffusion_policy.envs.blockpush_actions import (
+    MAX_MOVE,
+    WORKSPACE_X,
+    WORKSPACE_Y,
+    next_target,
+)
+
 CONTROL_HZ = 10
 PHYSICS_HZ = 240
 SUBSTEPS = PHYSICS_HZ // CONTROL_HZ
@@ -73,7 +78,6 @@ OBS_DIM = 16
 # Observation indices (FACTS: x at 0, 3, 6, 8, 10, 13; y at 1, 4, 7, 9, 11, 14).
 BLOCK_XY = ((0, 1), (3, 4))
 EFFECTOR_XY = (6, 7)
-TARGET_XY = (8, 9)
 ZONE_XY = ((10, 11), (13, 14))
 INFO_KEYS = ("block0_zone", "block1_zone", "first_block", "first_zone", "is_success")
 
@@ -117,17 +121,24 @@ class BlockPushEnv(gym.Env):
 
     Args:
         render_size: Side in pixels of the frames :meth:`render` returns (TinyRenderer).
+        abs_action: Actions are the next target (x, y) rather than a move (dx, dy); the target
+            still moves at most ``MAX_MOVE`` per step and stays in the workspace.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": CONTROL_HZ}
 
-    def __init__(self, render_size: int = 96) -> None:
+    def __init__(self, render_size: int = 96, abs_action: bool = False) -> None:
         if render_size < 1:
             raise ValueError(f"render_size={render_size} must be positive")
         self.render_mode = "rgb_array"
         self.render_size = render_size
+        self.abs_action = abs_action
         self.observation_space = spaces.Box(-np.inf, np.inf, shape=(OBS_DIM,), dtype=np.float32)
-        self.action_space = spaces.Box(-MAX_MOVE, MAX_MOVE, shape=(2,), dtype=np.float32)
+        if abs_action:
+            low, high = [WORKSPACE_X[0], WORKSPACE_Y[0]], [WORKSPACE_X[1], WORKSPACE_Y[1]]
+            self.action_space = spaces.Box(np.float32(low), np.float32(high), dtype=np.float32)
+        else:
+            self.action_space = spaces.Box(-MAX_MOVE, MAX_MOVE, shape=(2,), dtype=np.float32)
         self._client = pb.connect(pb.DIRECT)
         self._layout: dict[str, np.ndarray] | None = None
         self._target = np.array(EFFECTOR_START, dtype=np.float64)
@@ -148,18 +159,16 @@ class BlockPushEnv(gym.Env):
         return self._obs(), self._info(self._block_zones())
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-        """Moves the effector target by ``action`` (dx, dy) and runs 0.1 s of physics."""
+        """Moves the effector target by ``action`` (dx, dy), or toward it with ``abs_action``,
+        and runs 0.1 s of physics."""
         if self._layout is None:
             raise RuntimeError("call reset() before step()")
         action = np.asarray(action, dtype=np.float64)
         if action.shape != (2,):
             raise ValueError(f"action must have shape (2,), got {action.shape}")
         start = self._target.copy()
-        self._target = np.clip(
-            start + np.clip(action, -MAX_MOVE, MAX_MOVE),
-            [WORKSPACE_X[0], WORKSPACE_Y[0]],
-            [WORKSPACE_X[1], WORKSPACE_Y[1]],
-        )
+        move = action - start if self.abs_action else action
+        self._target = next_target(start, move)
         for k in range(1, SUBSTEPS + 1):  # the pivot slides to the target over the step
             pivot = start + (self._target - start) * (k / SUBSTEPS)
             pb.changeConstraint(
@@ -351,14 +360,17 @@ class BlockPushEnv(gym.Env):
         }
 
 
-def make_blockpush_env(render_size: int = 96, max_episode_steps: int | None = None) -> gym.Env:
+def make_blockpush_env(
+    render_size: int = 96, max_episode_steps: int | None = None, abs_action: bool = False
+) -> gym.Env:
     """Builds a :class:`BlockPushEnv`; picklable arguments, so usable as a vector-env factory.
 
     Args:
         render_size: Side in pixels of :meth:`BlockPushEnv.render` frames.
         max_episode_steps: Truncate episodes after this many steps (TimeLimit) if given.
+        abs_action: Actions are next targets (x, y) rather than moves.
     """
-    env: gym.Env = BlockPushEnv(render_size=render_size)
+    env: gym.Env = BlockPushEnv(render_size=render_size, abs_action=abs_action)
     if max_episode_steps is not None:
         env = gym.wrappers.TimeLimit(env, max_episode_steps=max_episode_steps)
     return env

@@ -27,14 +27,13 @@ from tqdm.auto import tqdm
 
 from diffusion_policy.data.blockpush_dataset import DEFAULT_BLOCKPUSH_PATH
 from diffusion_policy.data.replay_buffer import ReplayBuffer
+from diffusion_policy.envs.blockpush_actions import MAX_MOVE, TARGET_XY
 from diffusion_policy.envs.blockpush_env import (
     BLOCK_SIZE,
     BLOCK_XY,
     EFFECTOR_XY,
     MAX_EPISODE_STEPS,
-    MAX_MOVE,
     PUSHER_RADIUS,
-    TARGET_XY,
     ZONE_XY,
     BlockPushEnv,
 )

@@ -18,10 +18,13 @@ class BlockPushRunner(EnvRunner):
 
     Args:
         render_size: Side in pixels of video frames.
+        abs_action: The policy's actions are effector targets (x, y), not moves (its dataset's
+            ``abs_action``).
         **kwargs: :class:`EnvRunner` arguments.
     """
 
-    def __init__(self, render_size: int = 96, **kwargs: Any) -> None:
+    def __init__(self, render_size: int = 96, abs_action: bool = False, **kwargs: Any) -> None:
         kwargs.setdefault("max_steps", MAX_EPISODE_STEPS)
         kwargs.setdefault("scorer", BlockPushScorer())
-        super().__init__(env_fn=partial(make_blockpush_env, render_size=render_size), **kwargs)
+        env_fn = partial(make_blockpush_env, render_size=render_size, abs_action=abs_action)
+        super().__init__(env_fn=env_fn, **kwargs)

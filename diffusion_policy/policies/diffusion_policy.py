@@ -196,7 +196,7 @@ class DiffusionPolicy(nn.Module):
             )
         return alphas_cumprod.to(device=like.device, dtype=like.dtype)
 
-    def _clip_range(self) -> float | None:
+    def clip_range(self) -> float | None:
         """The bound of normalized samples when the scheduler config asks to clip, else None.
 
         DDPM and DDIM clip the predicted clean sample (``clip_sample``); the multistep solvers
@@ -280,7 +280,7 @@ class DiffusionPolicy(nn.Module):
             else:
                 model_output = self.denoiser(model_input, t, cond, film=film)
             x = scheduler.step(model_output, t, x, **step_kwargs).prev_sample
-        clip = self._clip_range()
+        clip = self.clip_range()
         if clip is not None:
             x = x.clamp(-clip, clip)
 

@@ -7,7 +7,8 @@ RL sense whose log-probability is differentiable in the denoiser's weights (DPPO
 2024). Each step here is the DDIM update with stochasticity ``eta`` over the sampler's timesteps
 (``eta = 1`` over all training steps is DDPM's posterior, ``variance_type="fixed_small"``):
 
-    x0_hat  = the clean sample the denoiser predicts at x_k (clamped if the scheduler clips)
+    x0_hat  = the clean sample the denoiser predicts at x_k (clamped where the policy's
+              sampler clamps: clip_sample, or thresholding)
     eps_hat = (x_k - sqrt(a_k) x0_hat) / sqrt(1 - a_k)
     sigma_k = eta * sqrt((1 - a_prev) / (1 - a_k)) * sqrt(1 - a_k / a_prev)
     mu      = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma_k^2) eps_hat
@@ -101,10 +102,11 @@ class DenoisingChain(nn.Module):
         next_timestep = torch.full((n_train,), -1)  # training timestep -> the chain's next
         next_timestep[timesteps[:-1]] = torch.tensor(timesteps[1:], dtype=torch.long)
         self.register_buffer("next_timestep", next_timestep, persistent=False)  # (n_train,)
-        config = policy.noise_scheduler.config
-        clips = config.get("clip_sample", False)
-        self.clip = float(config.get("clip_sample_range", 1.0)) if clips else None
-        self.prediction_type = config.prediction_type
+        # The bound the policy's own sampler keeps clean samples in (clip_sample, or the
+        # multistep solvers' thresholding): unclamped, x0 = (x - sqrt(1 - a) eps) / sqrt(a)
+        # explodes at the noisiest steps, where sqrt(a) is near 0.
+        self.clip = policy.clip_range()
+        self.prediction_type = policy.noise_scheduler.config.prediction_type
 
     @property
     def base_denoiser(self) -> nn.Module:

@@ -61,3 +61,34 @@ def test_same_generator_same_chain(tiny_policy):
 def test_bad_settings_are_named(tiny_policy, kwargs, bad):
     with pytest.raises(ValueError, match=bad):
         DenoisingChain(tiny_policy, **kwargs)
+
+
+def test_thresholding_sampler_clamps_the_clean_sample_as_clip_sample_does(tiny_policy):
+    """A DPM-Solver policy (thresholding, no clip_sample) keeps x0 in [-1, 1] in the chain too:
+    unclamped, the noisiest step's x0 = (x - sqrt(1 - a) eps) / sqrt(a) explodes."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    config = dict(tiny_policy.noise_scheduler.config)
+    config.pop("clip_sample")
+    tiny_policy.noise_scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=config["num_train_timesteps"],
+        beta_schedule=config["beta_schedule"],
+        thresholding=True,
+        sample_max_value=1.0,
+    )
+    chain = DenoisingChain(tiny_policy, ft_steps=10, min_std=0.05)
+    assert chain.clip == 1.0
+    x = torch.randn(3, 8, 2) * 5
+    t = torch.full((3,), 9)
+    cond = _cond(tiny_policy)
+    with torch.no_grad():
+        mean, _ = chain.gaussian(tiny_policy.denoiser, x, t, cond)
+    # mean = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps with |x0| <= 1
+    a = tiny_policy.noise_scheduler.alphas_cumprod
+    a_t, a_prev = a[9], a[8]
+    x0 = ((x - (1 - a_t).sqrt() * tiny_policy.denoiser(x, t, cond)) / a_t.sqrt()).clamp(-1, 1)
+    assert x0.abs().max() <= 1.0
+    sigma = ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+    eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+    expected = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps
+    torch.testing.assert_close(mean, expected.detach())
