@@ -7,9 +7,9 @@ RL sense whose log-probability is differentiable in the denoiser's weights (DPPO
 2024). Each step here is the DDIM update with stochasticity ``eta`` over the sampler's timesteps
 (``eta = 1`` over all training steps is DDPM's posterior, ``variance_type="fixed_small"``):
 
-    x0_hat  = the clean sample the denoiser predicts at x_k (clamped where the policy's
-              sampler clamps: clip_sample, or thresholding)
-    eps_hat = (x_k - sqrt(a_k) x0_hat) / sqrt(1 - a_k)
+    eps_hat = the noise the denoiser predicts at x_k (or derived from its x0 or v prediction)
+    x0_hat  = (x_k - sqrt(1 - a_k) eps_hat) / sqrt(a_k), clamped where the policy's sampler
+              clamps (clip_sample, or thresholding)
     sigma_k = eta * sqrt((1 - a_prev) / (1 - a_k)) * sqrt(1 - a_k / a_prev)
     mu      = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma_k^2) eps_hat
     std     = max(sigma_k, min_std)
@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -121,6 +122,24 @@ class DenoisingChain(nn.Module):
         """The fine-tuned steps' timesteps (K,), in chain order."""
         return self.timesteps[self.num_steps - self.ft_steps :]
 
+    def ddim_config(self) -> dict[str, Any]:
+        """A diffusers DDIM config whose deterministic steps are this chain's with ``eta = 0``.
+
+        Same timesteps (``trailing`` spacing over ``num_steps``), same clamp of the clean
+        sample, and a last step to the clean sample (``set_alpha_to_one``): the sampler to
+        deploy a policy fine-tuned through this chain with. The noise schedule's own keys
+        (``num_train_timesteps``, betas, ``prediction_type``) are the policy's, to be added from
+        its config (:func:`~diffusion_policy.training.sampling.sampling_scheduler`).
+        """
+        return {
+            "_target_": "diffusers.DDIMScheduler",
+            "clip_sample": self.clip is not None,
+            "clip_sample_range": 1.0 if self.clip is None else self.clip,
+            "set_alpha_to_one": True,
+            "steps_offset": 0,
+            "timestep_spacing": "trailing",
+        }
+
     def _alphas(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cumulative alphas at ``t`` (B,) and at the chain's next timestep (1 after the last)."""
         a = self.policy.alphas_cumprod(like)  # (num_train_timesteps,)
@@ -146,16 +165,20 @@ class DenoisingChain(nn.Module):
         a_t, a_prev = a_t.view(-1, 1, 1), a_prev.view(-1, 1, 1)
         out = denoiser(x, t, cond)  # (B, T, Da)
         if self.prediction_type == "epsilon":
-            x0 = (x - (1 - a_t).sqrt() * out) / a_t.sqrt()
+            eps = out
+            x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
         elif self.prediction_type == "sample":
             x0 = out
+            eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
         elif self.prediction_type == "v_prediction":
             x0 = a_t.sqrt() * x - (1 - a_t).sqrt() * out
+            eps = a_t.sqrt() * out + (1 - a_t).sqrt() * x
         else:
             raise ValueError(f"unsupported prediction_type={self.prediction_type!r}")
+        # As diffusers' DDIM: the clean sample is clamped, the noise estimate is not, so the
+        # chain without its noise is that sampler step for step (see ddim_config).
         if self.clip is not None:
             x0 = x0.clamp(-self.clip, self.clip)
-        eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
         var = ((1 - a_prev) / (1 - a_t)) * (1 - a_t / a_prev)
         sigma = self.eta * var.clamp_min(0).sqrt()  # (B, 1, 1)
         mean = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp_min(0).sqrt() * eps

@@ -27,6 +27,7 @@ from diffusion_policy.training.builders import load_policy, resolve_device
 from diffusion_policy.training.checkpoint import load_checkpoint, save_checkpoint
 from diffusion_policy.training.logger import RunLogger
 from diffusion_policy.training.run_dir import LATEST, RunFolderLock, find_resume_checkpoint
+from diffusion_policy.training.sampling import TRAINED_KEYS, sampling_scheduler
 from diffusion_policy.training.seeding import seed_everything
 from diffusion_policy.training.stored_config import instantiate_stored
 from diffusion_policy.training.time_budget import TimeBudget
@@ -82,6 +83,10 @@ class FineTuner:
             eta=ccfg.eta,
             min_std=ccfg.min_std,
         ).to(self.device)
+        if cfg.sampler == "chain":
+            self._deploy_chain_sampler()
+        elif cfg.sampler != "policy":
+            raise ValueError(f"sampler={cfg.sampler!r} must be 'chain' or 'policy'")
         feature_dim = self.policy.n_obs_steps * self.policy.encoder.output_dim
         self.critic = ValueMLP(feature_dim, list(cfg.critic.hidden_dims)).to(self.device)
         self.actor_opt = torch.optim.Adam(
@@ -215,6 +220,22 @@ class FineTuner:
             self._save(self.ckpt_dir / BEST)
 
     # -- setup helpers -------------------------------------------------------------------------
+    def _deploy_chain_sampler(self) -> None:
+        """Evaluates and saves the policy with deterministic DDIM on the chain's timesteps.
+
+        Fine-tuning trains the denoiser at the chain's timesteps only; the sampler that uses
+        exactly those (the chain without its noise) is the one to deploy. The policy's config
+        is updated too, so the checkpoints written here load with that sampler.
+        """
+        trained = self.policy_cfg.noise_scheduler
+        requested = self.chain.ddim_config()
+        self.policy.set_sampler(sampling_scheduler(trained, requested), self.chain.num_steps)
+        stored = OmegaConf.to_container(trained, resolve=True)
+        kept = {k: stored[k] for k in TRAINED_KEYS if k in stored}
+        self.policy_cfg.noise_scheduler = {**requested, **kept}
+        self.policy_cfg.policy.num_inference_steps = self.chain.num_steps
+        log.info("sampler: deterministic DDIM on the chain's %d timesteps", self.chain.num_steps)
+
     def _make_runner(self) -> Any:
         """The policy's EnvRunner from its stored config, with ``eval`` settings merged over."""
         stored = OmegaConf.to_container(self.policy_cfg.env_runner, resolve=True)

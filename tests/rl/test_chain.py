@@ -86,9 +86,29 @@ def test_thresholding_sampler_clamps_the_clean_sample_as_clip_sample_does(tiny_p
     # mean = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps with |x0| <= 1
     a = tiny_policy.noise_scheduler.alphas_cumprod
     a_t, a_prev = a[9], a[8]
-    x0 = ((x - (1 - a_t).sqrt() * tiny_policy.denoiser(x, t, cond)) / a_t.sqrt()).clamp(-1, 1)
-    assert x0.abs().max() <= 1.0
+    eps = tiny_policy.denoiser(x, t, cond)
+    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    assert x0.abs().max() > 1.0  # the case the clamp is for
+    x0 = x0.clamp(-1, 1)
     sigma = ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
-    eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
     expected = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps
     torch.testing.assert_close(mean, expected.detach())
+
+
+def test_ddim_config_samples_the_chain_without_its_noise(tiny_policy):
+    from diffusion_policy.training.sampling import sampling_scheduler
+
+    chain = DenoisingChain(tiny_policy, num_steps=5, ft_steps=5, eta=1e-6, min_std=0.05)
+    trained = dict(tiny_policy.noise_scheduler.config)
+    tiny_policy.set_sampler(sampling_scheduler(trained, chain.ddim_config()), chain.num_steps)
+    obs = {"keypoint": torch.rand(2, 2, 18) * 512, "agent_pos": torch.rand(2, 2, 2) * 512}
+    got = tiny_policy.predict_action(obs, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(tiny_policy.noise_scheduler.timesteps, chain.timesteps)
+
+    cond = tiny_policy.encode_obs(obs)
+    x = torch.randn(2, 8, 2, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        for t in chain.timesteps:
+            x, _ = chain.gaussian(tiny_policy.denoiser, x, t.expand(2), cond)  # the mean: no noise
+    expected = tiny_policy.normalizer.unnormalize_key("action", x.clamp(-1, 1))
+    torch.testing.assert_close(got["action_pred"], expected, atol=1e-4, rtol=1e-4)

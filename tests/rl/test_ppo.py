@@ -23,7 +23,7 @@ def _setup(policy, lr: float = 1e-3):
 
 
 def test_update_raises_good_and_lowers_bad_likelihoods(tiny_policy):
-    chain, critic, actor_opt, critic_opt, batch = _setup(tiny_policy)
+    chain, critic, actor_opt, critic_opt, batch = _setup(tiny_policy, lr=3e-4)
     cfg = PPOConfig(epochs=4, minibatch_size=6, clip_ratio=0.2, norm_adv=False)
     metrics = ppo_update(chain, critic, actor_opt, critic_opt, batch, cfg, torch.Generator())
     with torch.no_grad():
