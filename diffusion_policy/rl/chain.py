@@ -12,11 +12,13 @@ RL sense whose log-probability is differentiable in the denoiser's weights (DPPO
               clamps (clip_sample, or thresholding)
     sigma_k = eta * sqrt((1 - a_prev) / (1 - a_k)) * sqrt(1 - a_k / a_prev)
     mu      = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma_k^2) eps_hat
-    std     = max(sigma_k, min_std)
+    std     = max(sigma_k, min_std)                when sampling
+    std     = max(sigma_k, logprob_min_std)        when scoring
 
 with ``a`` the cumulative alphas. The standard deviation is clipped from below by ``min_std`` so
-that exploration never vanishes (the last step's ``sigma`` is 0) and every log-density is
-finite. Only the last ``ft_steps`` steps are fine-tuned (and scored); a frozen copy of the
+that exploration never vanishes (the last step's ``sigma`` is 0), and every log-density is
+computed with a bound ``logprob_min_std`` (DPPO's two bounds): a larger one there keeps PPO's
+ratios, densities over whole chunks, from swinging with tiny changes of the mean. Only the last ``ft_steps`` steps are fine-tuned (and scored); a frozen copy of the
 initial denoiser runs the earlier ones.
 
 The chain works on the policy's public parts (``denoiser``, ``noise_scheduler``, ``normalizer``,
@@ -64,7 +66,11 @@ class DenoisingChain(nn.Module):
             first); None uses every training step (DDPM).
         ft_steps: How many of the last steps are fine-tuned (0..num_steps).
         eta: Stochasticity of each step, in (0, 1]; 1 is DDPM's posterior variance.
-        min_std: Lower bound of every step's standard deviation (> 0).
+        min_std: Lower bound of every step's standard deviation when sampling (> 0): the
+            exploration noise.
+        logprob_min_std: Lower bound of the standard deviation the log-densities are computed
+            with (> 0); None uses ``min_std``. Larger than ``min_std``, it makes PPO's ratios
+            less sensitive to small changes of the mean (DPPO's separate bounds).
 
     Raises:
         ValueError: A value out of range, naming it.
@@ -77,6 +83,7 @@ class DenoisingChain(nn.Module):
         ft_steps: int = 10,
         eta: float = 1.0,
         min_std: float = 0.1,
+        logprob_min_std: float | None = None,
     ) -> None:
         super().__init__()
         n_train = policy.num_train_timesteps
@@ -87,8 +94,10 @@ class DenoisingChain(nn.Module):
             raise ValueError(f"ft_steps={ft_steps} must be in [0, num_steps={num_steps}]")
         if not 0.0 < eta <= 1.0:
             raise ValueError(f"eta={eta} must be in (0, 1]")
-        if not min_std > 0:
-            raise ValueError(f"min_std={min_std} must be > 0")
+        logprob_min_std = min_std if logprob_min_std is None else logprob_min_std
+        for name, value in (("min_std", min_std), ("logprob_min_std", logprob_min_std)):
+            if not value > 0:
+                raise ValueError(f"{name}={value} must be > 0")
         self.policy = policy
         # The frozen initial denoiser runs the steps that are not fine-tuned (and anchors the
         # optional KL penalty); it is not a submodule, so the policy's state dict is unchanged.
@@ -96,6 +105,7 @@ class DenoisingChain(nn.Module):
         self.ft_steps = ft_steps
         self.eta = eta
         self.min_std = min_std
+        self.logprob_min_std = logprob_min_std
         # Training timesteps, the noisiest first, e.g. 99, 89, ..., 9 for 10 of 100.
         step = n_train / num_steps
         timesteps = [round(n_train - 1 - i * step) for i in range(num_steps)]
@@ -159,7 +169,8 @@ class DenoisingChain(nn.Module):
             cond: The observation features (B, To, F).
 
         Returns:
-            ``mean`` (B, T, Da) and ``std`` (B, 1, 1).
+            ``mean`` (B, T, Da) and the step's own ``sigma`` (B, 1, 1), before the lower
+            bounds (``min_std``, ``logprob_min_std``) the callers apply.
         """
         a_t, a_prev = self._alphas(t, x)  # (B,), (B,)
         a_t, a_prev = a_t.view(-1, 1, 1), a_prev.view(-1, 1, 1)
@@ -182,7 +193,7 @@ class DenoisingChain(nn.Module):
         var = ((1 - a_prev) / (1 - a_t)) * (1 - a_t / a_prev)
         sigma = self.eta * var.clamp_min(0).sqrt()  # (B, 1, 1)
         mean = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp_min(0).sqrt() * eps
-        return mean, sigma.clamp_min(self.min_std)
+        return mean, sigma
 
     def step_log_prob(
         self,
@@ -192,7 +203,8 @@ class DenoisingChain(nn.Module):
         cond: torch.Tensor,
         denoiser: nn.Module | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """log N(x_prev; mu(x, t, cond), std^2), summed over (T, Da).
+        """log N(x_prev; mu(x, t, cond), std^2), summed over (T, Da), with
+        ``std = max(sigma, logprob_min_std)``.
 
         Args:
             x: Step inputs (B, T, Da).
@@ -204,10 +216,9 @@ class DenoisingChain(nn.Module):
         Returns:
             ``log_prob`` (B,), ``mean`` (B, T, Da) and ``std`` (B, 1, 1).
         """
-        mean, std = self.gaussian(denoiser or self.policy.denoiser, x, t, cond)
-        z = (x_prev - mean) / std
-        log_prob = -0.5 * z**2 - std.log() - 0.5 * _LOG_2PI  # (B, T, Da)
-        return log_prob.flatten(1).sum(1), mean, std
+        mean, sigma = self.gaussian(denoiser or self.policy.denoiser, x, t, cond)
+        std = sigma.clamp_min(self.logprob_min_std)
+        return _log_density(x_prev, mean, std), mean, std
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> ChainSample:
@@ -230,13 +241,12 @@ class DenoisingChain(nn.Module):
             tt = t.expand(B)  # (B,)
             fine_tuned = k >= first_ft
             denoiser = policy.denoiser if fine_tuned else self.base_denoiser
-            mean, std = self.gaussian(denoiser, x, tt, cond)
+            mean, sigma = self.gaussian(denoiser, x, tt, cond)
             noise = torch.randn(shape, generator=generator, device=cond.device, dtype=cond.dtype)
-            x_prev = mean + std * noise
+            x_prev = mean + sigma.clamp_min(self.min_std) * noise
             if fine_tuned:
                 samples.append(x)
-                log_prob, _, _ = self.step_log_prob(x, tt, x_prev, cond)
-                log_probs.append(log_prob)
+                log_probs.append(_log_density(x_prev, mean, sigma.clamp_min(self.logprob_min_std)))
             x = x_prev
         samples.append(x)
         final = x.clamp(-self.clip, self.clip) if self.clip is not None else x
@@ -265,3 +275,9 @@ class DenoisingChain(nn.Module):
         cond_k = cond.repeat_interleave(K, 0)  # (B * K, To, F)
         log_prob, _, _ = self.step_log_prob(x, t, x_prev, cond_k)
         return log_prob.view(B, K)
+
+
+def _log_density(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, std^2) summed over all but the batch dimension (B,)."""
+    z = (x - mean) / std
+    return (-0.5 * z**2 - std.log() - 0.5 * _LOG_2PI).flatten(1).sum(1)

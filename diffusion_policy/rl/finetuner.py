@@ -82,6 +82,7 @@ class FineTuner:
             ft_steps=ccfg.ft_denoising_steps,
             eta=ccfg.eta,
             min_std=ccfg.min_std,
+            logprob_min_std=ccfg.logprob_min_std,
         ).to(self.device)
         if cfg.sampler == "chain":
             self._deploy_chain_sampler()

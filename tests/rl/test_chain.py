@@ -14,9 +14,16 @@ def _cond(policy, B: int = 3) -> torch.Tensor:
     return policy.encode_obs(obs)  # (B, To, F)
 
 
-@pytest.mark.parametrize("num_steps, eta", [(None, 1.0), (5, 0.5)])
-def test_log_prob_matches_torch_normal(tiny_policy, num_steps, eta):
-    chain = DenoisingChain(tiny_policy, num_steps=num_steps, ft_steps=3, eta=eta, min_std=0.05)
+@pytest.mark.parametrize("num_steps, eta, logprob_min_std", [(None, 1.0, None), (5, 0.5, 0.1)])
+def test_log_prob_matches_torch_normal(tiny_policy, num_steps, eta, logprob_min_std):
+    chain = DenoisingChain(
+        tiny_policy,
+        num_steps=num_steps,
+        ft_steps=3,
+        eta=eta,
+        min_std=0.05,
+        logprob_min_std=logprob_min_std,
+    )
     cond = _cond(tiny_policy)
     out = chain.sample(cond, torch.Generator().manual_seed(0))
     assert out.samples.shape == (3, 4, 8, 2)
@@ -25,7 +32,8 @@ def test_log_prob_matches_torch_normal(tiny_policy, num_steps, eta):
     for j, t in enumerate(chain.ft_timesteps()):
         x, x_prev = out.samples[:, j], out.samples[:, j + 1]
         with torch.no_grad():
-            mean, std = chain.gaussian(tiny_policy.denoiser, x, t.expand(3), cond)
+            mean, sigma = chain.gaussian(tiny_policy.denoiser, x, t.expand(3), cond)
+        std = sigma.clamp_min(logprob_min_std or 0.05)
         expected = Normal(mean, std.expand_as(mean)).log_prob(x_prev).sum((1, 2))  # (B,)
         torch.testing.assert_close(out.log_probs[:, j], expected)
     # Recomputing the whole chain's log-likelihood under the same weights gives it again.
@@ -34,16 +42,26 @@ def test_log_prob_matches_torch_normal(tiny_policy, num_steps, eta):
 
 
 def test_ddpm_step_is_the_posterior_and_std_is_clipped(tiny_policy):
-    chain = DenoisingChain(tiny_policy, ft_steps=10, eta=1.0, min_std=0.07)
+    chain = DenoisingChain(tiny_policy, ft_steps=10, eta=1.0, min_std=0.07, logprob_min_std=0.2)
     alphas = tiny_policy.noise_scheduler.alphas_cumprod
     t = torch.tensor([5, 0])
     x = torch.randn(2, 8, 2)
+    cond = _cond(tiny_policy, 2)
     with torch.no_grad():
-        _, std = chain.gaussian(tiny_policy.denoiser, x, t, _cond(tiny_policy, 2))
+        _, sigma = chain.gaussian(tiny_policy.denoiser, x, t, cond)
+        _, _, std = chain.step_log_prob(x, t, x, cond)
     a_t, a_prev = alphas[5], alphas[4]
     posterior = ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
-    torch.testing.assert_close(std[0].squeeze(), torch.maximum(posterior, torch.tensor(0.07)))
-    torch.testing.assert_close(std[1].squeeze(), torch.tensor(0.07))  # last step: sigma = 0
+    torch.testing.assert_close(sigma[0].squeeze(), posterior)
+    torch.testing.assert_close(sigma[1].squeeze(), torch.tensor(0.0))  # last step: sigma = 0
+    torch.testing.assert_close(std[0].squeeze(), torch.maximum(posterior, torch.tensor(0.2)))
+    torch.testing.assert_close(std[1].squeeze(), torch.tensor(0.2))
+    # Sampling explores with min_std: the last step's spread is 0.07, not 0.2.
+    samples = chain.sample(cond, torch.Generator().manual_seed(0)).samples  # (2, 11, T, Da)
+    with torch.no_grad():
+        mean, _ = chain.gaussian(tiny_policy.denoiser, samples[:, -2], torch.tensor([0, 0]), cond)
+    spread = (samples[:, -1] - mean).std()
+    assert 0.05 < spread < 0.1, spread
 
 
 def test_same_generator_same_chain(tiny_policy):
