@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
+
 from diffusion_policy.data.keys import ACTION, OBS
 from diffusion_policy.data.sequence_dataset import Field, SequenceDataset
 from diffusion_policy.envs.blockpush_actions import absolute_actions
@@ -38,8 +40,12 @@ class BlockPushLowdimDataset(SequenceDataset):
         self.generate_seed = generate_seed
         self.abs_action = abs_action
         super().__init__(zarr_path, **kwargs)
-        if abs_action:
-            self.arrays[ACTION] = absolute_actions(self.arrays[OBS], self.arrays[ACTION])
+
+    def combine_fields(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """With ``abs_action``, the actions become the targets they set."""
+        if self.abs_action:
+            arrays = {**arrays, ACTION: absolute_actions(arrays[OBS], arrays[ACTION])}
+        return arrays
 
     def prepare_store(self, zarr_path: str) -> str:
         """Generates the store with the scripted oracle when it is absent."""

@@ -99,6 +99,7 @@ class SequenceDataset(Dataset):
             if f.type == LOW_DIM:
                 arr = arr.astype(np.float32, copy=False)
             self.arrays[name] = np.ascontiguousarray(arr)
+        self.arrays = self.combine_fields(self.arrays)
         self.episode_ends = buffer.episode_ends
         self.horizon = horizon
         self.n_obs_steps = n_obs_steps
@@ -117,6 +118,14 @@ class SequenceDataset(Dataset):
         the dataset on rank 0 first, so only one process does that.
         """
         return zarr_path
+
+    def combine_fields(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Returns the loaded fields, changed where one needs another (default: as they are).
+
+        Runs once at load, after each :class:`Field`'s own transform and before windowing, e.g.
+        to turn relative actions into absolute ones with the observed positions.
+        """
+        return arrays
 
     def _check_episode_lengths(self, zarr_path: str) -> None:
         """Refuses a split whose train episodes are all too short for one window; warns for some.

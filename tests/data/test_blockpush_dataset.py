@@ -63,3 +63,19 @@ def test_absent_store_is_generated_on_first_use(tmp_path):
     ds = BlockPushLowdimDataset(str(path), generate_episodes=2, generate_seed=5)
     assert path.exists() and int(ds.episode_ends.shape[0]) == 2
     assert ensure_blockpush_dataset(path, n_episodes=99) == path  # present: left as it is
+
+
+def test_abs_action_windows_hold_the_next_targets(store):
+    kwargs = dict(horizon=16, n_obs_steps=2, n_action_steps=8, val_ratio=0.25)
+    moves = BlockPushLowdimDataset(str(store), **kwargs)
+    targets = BlockPushLowdimDataset(str(store), abs_action=True, **kwargs)
+    for rel, ds in ((moves, targets), (moves.get_validation_dataset(),
+                                         targets.get_validation_dataset())):  # fmt: skip
+        a, b = rel[3], ds[3]
+        torch.testing.assert_close(a["obs"]["obs"], b["obs"]["obs"])
+        # The first action's target: the observed target plus the move (inside the workspace).
+        expected = b["obs"]["obs"][-1, 8:10] + a["action"][1]
+        torch.testing.assert_close(b["action"][1], expected, atol=1e-6, rtol=0)
+    # The policy normalizes what it trains on: the targets' range, in the workspace.
+    normalizer_actions = targets.get_normalizer_data()["action"]
+    assert normalizer_actions.min() >= -0.5 and normalizer_actions[:, 0].min() >= 0.15
