@@ -18,8 +18,9 @@ RL sense whose log-probability is differentiable in the denoiser's weights (DPPO
 with ``a`` the cumulative alphas. The standard deviation is clipped from below by ``min_std`` so
 that exploration never vanishes (the last step's ``sigma`` is 0), and every log-density is
 computed with a bound ``logprob_min_std`` (DPPO's two bounds): a larger one there keeps PPO's
-ratios, densities over whole chunks, from swinging with tiny changes of the mean. Only the last ``ft_steps`` steps are fine-tuned (and scored); a frozen copy of the
-initial denoiser runs the earlier ones.
+ratios, densities over whole chunks, from swinging with tiny changes of the mean. Only the
+last ``ft_steps`` steps are fine-tuned (and scored); a frozen copy of the initial denoiser runs
+the earlier ones.
 
 The chain works on the policy's public parts (``denoiser``, ``noise_scheduler``, ``normalizer``,
 ``encode_obs``) and leaves the policy's own sampler, the one deployed, untouched.

@@ -172,7 +172,14 @@ class FineTuner:
         batch = self._ppo_batch(rollout)
         perm_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.iteration)
         stats = ppo_update(
-            self.chain, self.critic, self.actor_opt, self.critic_opt, batch, self.ppo, perm_gen
+            self.chain,
+            self.critic,
+            self.actor_opt,
+            self.critic_opt,
+            batch,
+            self.ppo,
+            perm_gen,
+            train_actor=self.iteration >= self.ppo.critic_warmup,
         )
         self.env_steps += rollout.env_steps
         eps = rollout.episodes

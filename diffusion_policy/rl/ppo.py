@@ -34,6 +34,7 @@ class PPOConfig:
     target_kl: float | None = None  # stop the epochs once the approximate KL passes it
     kl_coef: float = 0.0  # Gaussian KL toward the initial denoiser's step (0: off)
     norm_adv: bool = True
+    critic_warmup: int = 0  # first iterations that train only the critic (the fine-tuner's)
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -71,10 +72,13 @@ def ppo_update(
     batch: PPOBatch,
     cfg: PPOConfig,
     generator: torch.Generator | None = None,
+    train_actor: bool = True,
 ) -> dict[str, float]:
     """Runs ``cfg.epochs`` epochs of minibatch PPO on ``batch``.
 
-    A minibatch whose loss or gradient is not finite is skipped (no optimizer step).
+    A minibatch whose loss or gradient is not finite is skipped (no optimizer step). With
+    ``train_actor=False`` only the critic steps (a warm-up: advantages from an untrained critic
+    would move the policy at random).
 
     Returns:
         Means over the minibatches: ``pg_loss``, ``value_loss``, ``approx_kl``, ``clip_frac``,
@@ -96,7 +100,7 @@ def ppo_update(
         for idx in perm.split(cfg.minibatch_size):
             m, k = idx // K, idx % K  # decision and step of each pair
             stats = _minibatch_step(
-                chain, critic, actor_opt, critic_opt, cfg, batch, adv, t_of_step, m, k
+                chain, critic, actor_opt, critic_opt, cfg, batch, adv, t_of_step, m, k, train_actor
             )
             if stats is None:
                 n_skipped += 1
@@ -123,6 +127,7 @@ def _minibatch_step(
     t_of_step: torch.Tensor,
     m: torch.Tensor,
     k: torch.Tensor,
+    train_actor: bool = True,
 ) -> dict[str, float] | None:
     """One gradient step on the pairs (m, k); None if it was skipped as non-finite."""
     x = batch.samples[m, k]  # (b, T, Da)
@@ -157,7 +162,8 @@ def _minibatch_step(
         actor_opt.zero_grad(set_to_none=True)
         critic_opt.zero_grad(set_to_none=True)
         return None
-    actor_opt.step()
+    if train_actor:
+        actor_opt.step()
     critic_opt.step()
     with torch.no_grad():
         return {

@@ -55,3 +55,17 @@ def test_nonfinite_minibatch_is_skipped(tiny_policy):
     assert metrics["n_skipped"] == 1
     for k, v in tiny_policy.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+def test_critic_warmup_trains_only_the_critic(tiny_policy):
+    before = {k: v.clone() for k, v in tiny_policy.state_dict().items()}
+    chain, critic, actor_opt, critic_opt, batch = _setup(tiny_policy, lr=3e-4)
+    batch.returns = torch.ones(8)
+    critic_before = [p.clone() for p in critic.parameters()]
+    cfg = PPOConfig(epochs=2, minibatch_size=6)
+    ppo_update(chain, critic, actor_opt, critic_opt, batch, cfg, train_actor=False)
+    for k, v in tiny_policy.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    assert any(
+        not torch.equal(a, b) for a, b in zip(critic_before, critic.parameters(), strict=True)
+    )
