@@ -17,6 +17,10 @@ min / median over ``--repeats`` runs after a warm-up run. Figures:
   recipe's model (``pusht_lowdim_cpu``: UNet [32, 64, 128]) with its own sampler.
 - ``rollout``: steps/s of one keypoint env, and the wall time of a 50-episode keypoint
   evaluation (test seeds, DDIM 16 steps; untrained weights, so every episode runs its 300 steps).
+- ``blockpush``: steps/s of one BlockPush env (pybullet, the scripted oracle's actions), and the
+  wall time of a 50-episode BlockPush evaluation at the CPU recipe's sizes
+  (``blockpush_lowdim_cpu``; untrained weights fit on a 4-episode oracle store, so every
+  episode runs its 350 steps).
 - ``rss``: peak resident memory of a ``train.py +experiment=pusht`` process (3 steps).
 - ``server``: a control tick that plans (``Controller.act``, batch 1) in-process and through
   the policy server over loopback (a server process on 127.0.0.1), p50 / p99, at the CPU
@@ -55,7 +59,7 @@ from diffusion_policy.utils.timing import summary, timed
 REPO = Path(__file__).resolve().parents[1]  # for configs/ and train.py
 
 EXPERIMENTS = {"keypoint": "pusht_lowdim", "image": "pusht"}
-PARTS = ("step", "loader", "latency", "rollout", "rss", "server")
+PARTS = ("step", "loader", "latency", "rollout", "blockpush", "rss", "server")
 SAMPLERS = (("ddpm", 100), ("ddim", 16), ("dpmsolver", 4))
 QUICK = ["+debug=fast"]  # tiny models and runs
 
@@ -192,6 +196,40 @@ def bench_rollout(cfg: Any, dataset: Any, n_episodes: int) -> dict[str, Any]:
     ddim = OmegaConf.load(REPO / "configs" / "noise_scheduler" / "ddim.yaml")
     ddim.num_train_timesteps = cfg.noise_scheduler.num_train_timesteps
     policy.set_sampler(instantiate(ddim), min(16, ddim.num_train_timesteps))
+    runner_cfg = OmegaConf.merge(
+        cfg.env_runner, {"n_test": n_episodes, "n_train": 0, "n_videos": 0}
+    )
+    runner = instantiate(runner_cfg, output_dir=None)
+    start = time.perf_counter()
+    runner.run(policy)
+    return {"env_steps_per_s": env_steps, "episodes": n_episodes, "s": time.perf_counter() - start}
+
+
+def bench_blockpush(overrides: list[str], n_episodes: int) -> dict[str, Any]:
+    """One BlockPush env's steps/s, and the wall time of an ``n_episodes`` evaluation."""
+    import numpy as np
+
+    from diffusion_policy.envs.blockpush_env import BlockPushEnv
+    from diffusion_policy.envs.blockpush_oracle import BlockPushOracle, generate_blockpush
+
+    env = BlockPushEnv()
+    obs, _ = env.reset(seed=0)
+    oracle = BlockPushOracle(np.random.default_rng(0))
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 3.0:
+        obs, _, terminated, _, _ = env.step(oracle.act(obs))
+        n += 1
+        if terminated:
+            obs, _ = env.reset(seed=n)
+            oracle = BlockPushOracle(np.random.default_rng(n))
+    env_steps = n / (time.perf_counter() - start)
+    env.close()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "blockpush.zarr"
+        generate_blockpush(store, n_episodes=4, progress=False)
+        cfg = compose_cfg("blockpush_lowdim_cpu", [*overrides, f"dataset.zarr_path={store}"])
+        policy = fitted_policy(cfg, instantiate(cfg.dataset)).eval()
     runner_cfg = OmegaConf.merge(
         cfg.env_runner, {"n_test": n_episodes, "n_train": 0, "n_videos": 0}
     )
@@ -351,6 +389,12 @@ def main() -> None:
             rows.append(("keypoint env", f"{r['env_steps_per_s']:,.0f} steps/s"))
             rows.append((f"keypoint rollout, {r['episodes']} episodes, DDIM 16", f"{r['s']:.1f} s"))
         del dataset
+    if "blockpush" in args.only:
+        results["blockpush"] = r = bench_blockpush(overrides, args.episodes)
+        rows.append(("BlockPush env (oracle actions)", f"{r['env_steps_per_s']:,.0f} steps/s"))
+        rows.append(
+            (f"BlockPush rollout, {r['episodes']} episodes, DPM-Solver++ 8", f"{r['s']:.1f} s")
+        )
     if "latency" in args.only:
         results["cpu_recipe"] = {"latency": bench_recipe_latency(overrides, args.repeats)}
         for setting, s in results["cpu_recipe"]["latency"].items():

@@ -33,7 +33,7 @@ def test_bench_quick_reports_every_figure(pusht_zarr_path, tmp_path):
             "dpmsolver_4",
             "dpmsolver_4_compiled",
         }
-    rollout = figures["keypoint"]["rollout"]
-    assert rollout["episodes"] == 2 and rollout["s"] > 0 and rollout["env_steps_per_s"] > 0
+    for rollout in (figures["keypoint"]["rollout"], figures["blockpush"]):
+        assert rollout["episodes"] == 2 and rollout["s"] > 0 and rollout["env_steps_per_s"] > 0
     assert 0 < figures["image"]["peak_rss_gib"] < 24
     assert "| keypoint train step, batch 32" in proc.stdout
