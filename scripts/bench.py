@@ -49,6 +49,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.flop_counter import FlopCounterMode
 
+from diffusion_policy.deploy.warmup import compile_for_inference
 from diffusion_policy.training.builders import build_policy
 from diffusion_policy.training.ema import EMA
 from diffusion_policy.training.optim import build_optimizer
@@ -164,11 +165,11 @@ def bench_recipe_latency(overrides: list[str], repeats: int) -> dict[str, Any]:
     policy = fitted_policy(cfg, dataset).eval()
     obs = dataset.get_batch([0])["obs"]
     name = cfg.noise_scheduler._target_.split(".")[-1].removesuffix("Scheduler").lower()
-    return {
-        f"{name}_{policy.num_inference_steps}": summary(
-            timed(lambda: policy.predict_action(obs), repeats, warmup=2)
-        )
-    }
+    setting = f"{name}_{policy.num_inference_steps}"
+    out = {setting: summary(timed(lambda: policy.predict_action(obs), repeats, warmup=2))}
+    compile_for_inference(policy)  # as `scripts/serve.py compile=true` deploys it
+    out[f"{setting}_compiled"] = summary(timed(lambda: policy.predict_action(obs), repeats))
+    return out
 
 
 def setting_label(setting: str) -> str:

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from diffusion_policy.deploy.export import load_exported
 from diffusion_policy.deploy.server import PolicyServer, check_bind
+from diffusion_policy.deploy.warmup import compile_for_inference
 from diffusion_policy.training.builders import load_policy, resolve_device
 
 
@@ -33,6 +34,8 @@ def main(cfg: DictConfig) -> None:
         )
     if cfg.num_inference_steps:
         policy.set_sampler(policy.noise_scheduler, cfg.num_inference_steps)
+    if cfg.compile:
+        compile_for_inference(policy, batch_size=1)
     server = PolicyServer(
         policy,
         host=cfg.host,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from diffusion_policy.envs.blockpush_actions import absolute_actions
 from diffusion_policy.envs.blockpush_env import (
     BOTH_REWARD,
     FIRST_REWARD,
@@ -18,7 +19,6 @@ from diffusion_policy.envs.blockpush_env import (
     make_blockpush_env,
     sample_layout,
 )
-from diffusion_policy.envs.blockpush_actions import absolute_actions
 from diffusion_policy.envs.blockpush_oracle import BlockPushOracle, Mode, run_oracle_episode
 
 
