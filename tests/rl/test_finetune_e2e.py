@@ -78,6 +78,7 @@ def _cfg(checkpoint: Path, *overrides: str):
                 "eval.n_envs=2",
                 "ppo.epochs=1",
                 "ppo.minibatch_size=8",
+                "ppo.critic_warmup=0",
                 "optimizer.actor_lr=1e-3",
                 "critic.hidden_dims=[16]",
                 *overrides,
@@ -99,6 +100,9 @@ def test_finetune_writes_a_policy_checkpoint_and_resumes(bc_checkpoint, tmp_path
         for a, b in zip(policy.denoiser.parameters(), initial.denoiser.parameters(), strict=True)
     ]
     assert any(moved)
+    # It samples with deterministic DDIM on the chain's timesteps (sampler=chain).
+    assert type(policy.noise_scheduler).__name__ == "DDIMScheduler"
+    assert policy.num_inference_steps == 10 and policy.noise_scheduler.config.clip_sample
     records = [json.loads(line) for line in (run / "logs.jsonl").read_text().splitlines()]
     train = [r for r in records if "train/return" in r]
     assert [r["step"] for r in train] == [1, 2]
