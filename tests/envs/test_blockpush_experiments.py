@@ -66,6 +66,18 @@ def test_paper_settings():
     assert (cpu.trainer.max_minutes, cpu.trainer.batch_size) == (60, 64)
     assert cpu.policy.num_inference_steps == 8
     assert _compose(["+experiment=blockpush_lowdim_transformer"]).denoiser.n_layer == 8
+    # The paper's relative moves; the CPU recipe's targets, which its runner follows.
+    assert cfg.dataset.abs_action is False and cfg.env_runner.abs_action is False
+    assert cpu.dataset.abs_action is True and cpu.env_runner.abs_action is True
+
+
+def test_runner_envs_take_the_datasets_action_space(store, tmp_path):
+    cfg = _compose(["+experiment=blockpush_lowdim_cpu", f"dataset.zarr_path={store}"])
+    runner = instantiate(cfg.env_runner, output_dir=str(tmp_path))
+    env = runner.env_fn()
+    assert env.unwrapped.abs_action
+    assert env.action_space.low[0] == 0.15 and env.action_space.high[0] == 0.7
+    env.close()
 
 
 @pytest.mark.slow  # 9-18 s on 2 shared cores
