@@ -109,6 +109,7 @@ def test_resume_applies_and_records_other_changes(pusht_zarr_path, run_copy, cap
 # -- signals -------------------------------------------------------------------------------------
 def test_sigint_finishes_the_step_saves_and_resumes(pusht_zarr_path, tmp_path):
     run = tmp_path / "run"
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when pytest runs as a background job
     trainer = Trainer(_cfg(pusht_zarr_path, "trainer.num_epochs=2"), run)
     real, calls = trainer.policy.compute_loss, itertools.count(1)
 
@@ -125,7 +126,7 @@ def test_sigint_finishes_the_step_saves_and_resumes(pusht_zarr_path, tmp_path):
     assert f"resume with resume=true hydra.run.dir={run}" in str(err.value)
     state = load_checkpoint(_latest(run))
     assert (state["epoch"], state["epoch_step"], state["global_step"]) == (1, 1, 3)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert signal.getsignal(signal.SIGINT) is before  # restored
 
     resumed = Trainer(_cfg(pusht_zarr_path, "trainer.num_epochs=2", "resume=true"), run)
     resumed.train()  # the rest of epoch 2: one step
