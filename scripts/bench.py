@@ -178,6 +178,17 @@ def setting_label(setting: str) -> str:
     return f"{name} {steps} steps" + (", compiled" if compiled else "")
 
 
+def timed_evaluation(cfg: Any, policy: Any, n_episodes: int) -> dict[str, Any]:
+    """The wall time of ``cfg.env_runner`` scoring ``policy`` on ``n_episodes`` test seeds."""
+    runner_cfg = OmegaConf.merge(
+        cfg.env_runner, {"n_test": n_episodes, "n_train": 0, "n_videos": 0}
+    )
+    runner = instantiate(runner_cfg, output_dir=None)
+    start = time.perf_counter()
+    runner.run(policy)
+    return {"episodes": n_episodes, "s": time.perf_counter() - start}
+
+
 def bench_rollout(cfg: Any, dataset: Any, n_episodes: int) -> dict[str, Any]:
     """One env's steps/s, and the wall time of an ``n_episodes`` keypoint evaluation."""
     from diffusion_policy.envs.pusht_env import make_pusht_env
@@ -197,13 +208,7 @@ def bench_rollout(cfg: Any, dataset: Any, n_episodes: int) -> dict[str, Any]:
     ddim = OmegaConf.load(REPO / "configs" / "noise_scheduler" / "ddim.yaml")
     ddim.num_train_timesteps = cfg.noise_scheduler.num_train_timesteps
     policy.set_sampler(instantiate(ddim), min(16, ddim.num_train_timesteps))
-    runner_cfg = OmegaConf.merge(
-        cfg.env_runner, {"n_test": n_episodes, "n_train": 0, "n_videos": 0}
-    )
-    runner = instantiate(runner_cfg, output_dir=None)
-    start = time.perf_counter()
-    runner.run(policy)
-    return {"env_steps_per_s": env_steps, "episodes": n_episodes, "s": time.perf_counter() - start}
+    return {"env_steps_per_s": env_steps, **timed_evaluation(cfg, policy, n_episodes)}
 
 
 def bench_blockpush(overrides: list[str], n_episodes: int) -> dict[str, Any]:
@@ -231,13 +236,7 @@ def bench_blockpush(overrides: list[str], n_episodes: int) -> dict[str, Any]:
         generate_blockpush(store, n_episodes=4, progress=False)
         cfg = compose_cfg("blockpush_lowdim_cpu", [*overrides, f"dataset.zarr_path={store}"])
         policy = fitted_policy(cfg, instantiate(cfg.dataset)).eval()
-    runner_cfg = OmegaConf.merge(
-        cfg.env_runner, {"n_test": n_episodes, "n_train": 0, "n_videos": 0}
-    )
-    runner = instantiate(runner_cfg, output_dir=None)
-    start = time.perf_counter()
-    runner.run(policy)
-    return {"env_steps_per_s": env_steps, "episodes": n_episodes, "s": time.perf_counter() - start}
+    return {"env_steps_per_s": env_steps, **timed_evaluation(cfg, policy, n_episodes)}
 
 
 def bench_rss(overrides: list[str]) -> float:
