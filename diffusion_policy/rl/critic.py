@@ -1,4 +1,4 @@
-"""The value network of RL fine-tuning: an MLP on the policy's observation features."""
+"""The value network of RL fine-tuning: an MLP on the policy's observation features and time."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ from torch import nn
 
 
 class ValueMLP(nn.Module):
-    """V(obs) from the flattened observation features (B, To, F) the policy's encoder makes.
+    """V(obs, elapsed) from the observation features (B, To, F) and the episode's elapsed time.
 
-    For low-dim tasks these are the normalized observations of the history; for image tasks
-    the encoder's features (the critic then learns on features it does not change).
+    The features are those the policy's encoder makes: for low-dim tasks the normalized
+    observations of the history; for image tasks the encoder's features (the critic then learns
+    on features it does not change). Episodes end at a step budget, so what is left to earn
+    depends on the time as much as on the state: the critic also sees the fraction of the
+    budget spent (Pardo et al. 2018, "Time Limits in Reinforcement Learning").
 
     Args:
         input_dim: To * F.
@@ -22,13 +25,14 @@ class ValueMLP(nn.Module):
         if input_dim < 1:
             raise ValueError(f"input_dim={input_dim} must be >= 1")
         layers: list[nn.Module] = []
-        width = input_dim
+        width = input_dim + 1  # + the elapsed fraction
         for hidden in hidden_dims:
             layers += [nn.Linear(width, hidden), nn.Mish()]
             width = hidden
         layers.append(nn.Linear(width, 1))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Maps features (B, To, F) to values (B,)."""
-        return self.net(features.flatten(1)).squeeze(-1)
+    def forward(self, features: torch.Tensor, elapsed: torch.Tensor) -> torch.Tensor:
+        """Maps features (B, To, F) and elapsed fractions in [0, 1] (B,) to values (B,)."""
+        x = torch.cat([features.flatten(1), elapsed.to(features.dtype)[:, None]], dim=1)
+        return self.net(x).squeeze(-1)

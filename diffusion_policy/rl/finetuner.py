@@ -209,6 +209,7 @@ class FineTuner:
         valid = rollout.valid  # (N, E)
         return PPOBatch(
             cond=rollout.cond[valid],  # (M, To, F)
+            elapsed=rollout.elapsed[valid],  # (M,)
             samples=rollout.samples[valid],  # (M, K + 1, T, Da)
             log_probs=rollout.log_probs[valid],  # (M, K)
             advantages=advantages[valid],

@@ -51,6 +51,7 @@ class PPOBatch:
 
     Attributes:
         cond: Observation features (M, To, F).
+        elapsed: The spent fraction of the episode's step budget (M,).
         samples: Fine-tuned chain steps x_K..x_0 (M, K + 1, T, Da).
         log_probs: Their log-densities when sampled (M, K).
         advantages: (M,).
@@ -58,6 +59,7 @@ class PPOBatch:
     """
 
     cond: torch.Tensor
+    elapsed: torch.Tensor
     samples: torch.Tensor
     log_probs: torch.Tensor
     advantages: torch.Tensor
@@ -139,7 +141,7 @@ def _minibatch_step(
     a = adv[m]
     pg_loss = torch.max(-a * ratio, -a * ratio.clamp(1 - cfg.clip_ratio, 1 + cfg.clip_ratio))
     pg_loss = pg_loss.mean()
-    value_loss = 0.5 * (critic(cond) - batch.returns[m]).pow(2).mean()
+    value_loss = 0.5 * (critic(cond, batch.elapsed[m]) - batch.returns[m]).pow(2).mean()
     loss = pg_loss + cfg.vf_coef * value_loss
     kl_to_init = torch.zeros(())
     if cfg.kl_coef > 0:

@@ -89,7 +89,7 @@ class ChunkEnv(gym.Wrapper):
         self._history.extend([obs] * self.n_obs_steps)
         self._steps = 0
         self._episode = {"episode_return": 0.0, "episode_score": 0.0, "episode_success": 0.0}
-        return self._stacked(), {**info, **self._episode}
+        return self._stacked(), {**info, **self._episode, "elapsed": 0.0}
 
     def step(
         self, action: np.ndarray
@@ -113,7 +113,12 @@ class ChunkEnv(gym.Wrapper):
             reward += self.success_bonus
             if self.fill_after_success and terminated:
                 reward += float(r) * (self.max_steps - self._steps)
-        info = {**info, **self._episode, "chunk_steps": self._steps - start}
+        info = {
+            **info,
+            **self._episode,
+            "chunk_steps": self._steps - start,
+            "elapsed": self._steps / self.max_steps,
+        }
         return self._stacked(), reward, terminated, truncated, info
 
 
@@ -124,6 +129,7 @@ class Rollout:
 
     Attributes:
         cond: Observation features of each decision (N, E, To, F).
+        elapsed: The fraction of the episode's step budget spent before it (N, E).
         samples: Fine-tuned chain steps x_K..x_0 (N, E, K + 1, T, Da).
         log_probs: Their log-densities when sampled (N, E, K).
         values: The critic's values (N, E).
@@ -136,6 +142,7 @@ class Rollout:
     """
 
     cond: torch.Tensor
+    elapsed: torch.Tensor
     samples: torch.Tensor
     log_probs: torch.Tensor
     values: torch.Tensor
@@ -169,6 +176,11 @@ def _to_tensors(obs: dict[str, np.ndarray], device: torch.device) -> dict[str, t
     return out
 
 
+def _elapsed(info: dict[str, Any], device: torch.device) -> torch.Tensor:
+    """Each env's spent fraction of its step budget (E,), from the vector env's info."""
+    return torch.as_tensor(np.asarray(info["elapsed"]), dtype=torch.float32, device=device)
+
+
 @torch.no_grad()
 def collect(
     envs: gym.vector.VectorEnv,
@@ -194,23 +206,26 @@ def collect(
     policy = chain.policy
     device = chain.timesteps.device
     start = policy.n_obs_steps - 1  # the chunk starts at the last observed step
-    obs, _ = envs.reset(seed=list(seeds))
+    obs, info = envs.reset(seed=list(seeds))
     E = envs.num_envs
     alive = np.ones(E, dtype=bool)
-    rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("cond", "samples", "log_probs")}
+    rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("cond", "elapsed", "samples")}
+    rows["log_probs"] = []
     rows.update(values=[], rewards=[], dones=[], valid=[])
     episodes: dict[str, list[float]] = {"return": [], "score": [], "success": []}
     env_steps = 0
     cond = policy.encode_obs(_to_tensors(obs, device))  # (E, To, F)
+    elapsed = _elapsed(info, device)  # (E,)
     for _ in range(n_decisions):
         sample = chain.sample(cond, generator)
         chunk = sample.action[:, start : start + policy.n_action_steps]  # (E, Ta, Da)
         obs, reward, terminated, truncated, info = envs.step(chunk.cpu().numpy())
         done = terminated | truncated
         rows["cond"].append(cond)
+        rows["elapsed"].append(elapsed)
         rows["samples"].append(sample.samples)
         rows["log_probs"].append(sample.log_probs)
-        rows["values"].append(critic(cond))
+        rows["values"].append(critic(cond, elapsed))
         rows["rewards"].append(torch.as_tensor(reward, dtype=torch.float32, device=device))
         rows["dones"].append(torch.as_tensor(done, device=device))
         rows["valid"].append(torch.as_tensor(alive.copy(), device=device))
@@ -221,6 +236,7 @@ def collect(
             episodes["success"].append(float(info["episode_success"][e]))
         alive &= ~done
         cond = policy.encode_obs(_to_tensors(obs, device))
+        elapsed = _elapsed(info, device)
         if not alive.any():
             break
     # Episodes cut by n_decisions (not ended) count with their scores so far.
@@ -231,7 +247,7 @@ def collect(
     stacked = {k: torch.stack(v) for k, v in rows.items()}
     return Rollout(
         **stacked,
-        last_values=critic(cond),
+        last_values=critic(cond, elapsed),
         episodes=episodes,
         env_steps=env_steps,
     )

@@ -15,7 +15,8 @@ def _setup(policy, lr: float = 1e-3):
     cond = policy.encode_obs(obs)  # (8, To, F)
     out = chain.sample(cond, torch.Generator().manual_seed(0))
     adv = torch.tensor([1.0, -1.0] * 4)  # even decisions good, odd ones bad
-    batch = PPOBatch(cond, out.samples, out.log_probs, adv, torch.zeros(8))
+    elapsed = torch.linspace(0, 0.9, 8)
+    batch = PPOBatch(cond, elapsed, out.samples, out.log_probs, adv, torch.zeros(8))
     critic = ValueMLP(cond[0].numel(), [16])
     actor_opt = torch.optim.Adam(policy.denoiser.parameters(), lr=lr)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=lr)

@@ -32,14 +32,16 @@ class CountingEnv(gym.Env):
 
 def test_chunk_stops_at_success_and_fills_the_remaining_steps():
     env = ChunkEnv(CountingEnv(), n_obs_steps=2, n_action_steps=4, max_steps=10)
-    obs, _ = env.reset(seed=0)
+    obs, info = env.reset(seed=0)
     np.testing.assert_array_equal(obs["t"], [[0.0], [0.0]])  # the first frame repeated
+    assert info["elapsed"] == 0.0
     obs, reward, terminated, truncated, info = env.step(np.zeros((8, 2)))
     np.testing.assert_array_equal(obs["t"], [[2.0], [3.0]])  # stopped after step 3 of 4
     assert terminated and not truncated
     assert reward == pytest.approx(0.5 * 3 + 0.5 * 7)  # 7 steps left to max_steps
     assert info["episode_success"] == 1.0
     assert info["chunk_steps"] == 3
+    assert info["elapsed"] == pytest.approx(0.3)  # 3 of 10 steps spent
     assert info["episode_return"] == pytest.approx(1.5)  # the env's own rewards
 
 
@@ -52,8 +54,10 @@ def test_chunk_truncates_at_max_steps_without_fill():
 
 def test_vector_of_chunk_envs_batches_histories():
     envs = make_chunk_envs(CountingEnv, 3, n_obs_steps=2, n_action_steps=2, max_steps=10)
-    obs, _ = envs.reset(seed=[0, 1, 2])
+    obs, info = envs.reset(seed=[0, 1, 2])
     assert obs["t"].shape == (3, 2, 1)
-    obs, reward, *_ = envs.step(np.zeros((3, 2, 2)))
+    np.testing.assert_allclose(info["elapsed"], [0.0, 0.0, 0.0])
+    obs, reward, *_, info = envs.step(np.zeros((3, 2, 2)))
     np.testing.assert_allclose(reward, [1.0, 1.0, 1.0])
+    np.testing.assert_allclose(info["elapsed"], [0.2, 0.2, 0.2])
     envs.close()
