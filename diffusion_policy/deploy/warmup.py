@@ -25,18 +25,19 @@ def example_obs(policy: DiffusionPolicy, batch_size: int = 1) -> dict[str, torch
 
 
 def compile_for_inference(policy: DiffusionPolicy, batch_size: int = 1) -> float:
-    """Compiles the denoiser for static shapes and warms it up at ``batch_size``.
+    """Compiles sampling for static shapes and warms it up at ``batch_size``.
 
-    ``torch.compile`` compiles on the first call; here that call is a prediction on
-    :func:`example_obs`, so a server's first client (or a timed benchmark) does not wait for
-    it. Other batch sizes compile on their first use.
+    See :meth:`DiffusionPolicy.compile_sampling`: the whole denoising loop where the sampler is
+    deterministic, else the denoiser. ``torch.compile`` compiles on the first call; here that
+    call is a prediction on :func:`example_obs`, so a server's first client (or a timed
+    benchmark) does not wait for it. Other batch sizes compile on their first use.
 
     Returns:
         The seconds the compile and warm-up took.
     """
     start = time.perf_counter()
-    policy.denoiser.compile(dynamic=False)
+    policy.compile_sampling()
     policy.predict_action(example_obs(policy, batch_size))
     seconds = time.perf_counter() - start
-    log.info("compiled the denoiser for batch %d in %.1f s", batch_size, seconds)
+    log.info("compiled sampling for batch %d in %.1f s", batch_size, seconds)
     return seconds

@@ -14,6 +14,7 @@ from torch import nn
 
 from diffusion_policy.data.keys import ACTION, LOW_DIM
 from diffusion_policy.data.normalizer import LinearNormalizer
+from diffusion_policy.policies.sampler_plan import SamplerPlan, plan_sampler
 from diffusion_policy.utils.checks import check_window
 
 
@@ -79,6 +80,10 @@ class DiffusionPolicy(nn.Module):
             if m.get("type", LOW_DIM) == LOW_DIM
         }
         self.normalizer = LinearNormalizer({**low_dim, ACTION: self.action_dim})
+        # Deterministic samplers run as a fixed recurrence (policies/sampler_plan.py), equal to
+        # the diffusers loop; False keeps the diffusers loop.
+        self.use_sampler_plan = True
+        self._compiled_sample: Callable[..., torch.Tensor] | None = None
 
     def set_sampler(
         self, noise_scheduler: SchedulerMixin, num_inference_steps: int | None = None
@@ -244,6 +249,66 @@ class DiffusionPolicy(nn.Module):
         )
         return list(film.view(S, B, -1).unbind(0))  # S x (B, film_dim)
 
+    def compile_sampling(self) -> None:
+        """Compiles sampling for static shapes (the compile happens on the next prediction).
+
+        With a :class:`SamplerPlan` the whole denoising loop becomes one graph, the denoiser's
+        calls and the solver's arithmetic included; otherwise the denoiser alone is compiled.
+        """
+        if self.use_sampler_plan and self.sampler_plan() is not None:
+            self._compiled_sample = torch.compile(self.sample_with_plan, dynamic=False)
+        else:
+            self.denoiser.compile(dynamic=False)
+
+    def sampler_plan(self) -> SamplerPlan | None:
+        """The sampler's :class:`SamplerPlan` (cached), or None if it is not deterministic."""
+        scheduler, steps = self.noise_scheduler, self.num_inference_steps
+        cached = getattr(self, "_plan_cache", None)
+        if cached is None or cached[0] is not scheduler or cached[1] != steps:
+            cached = (scheduler, steps, plan_sampler(scheduler, steps))
+            self._plan_cache = cached
+        return cached[2]
+
+    def sample_with_plan(self, noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Denoises ``noise`` (B, T, Da) given ``cond`` (B, To, F) by the sampler's plan.
+
+        No diffusers call happens here, so ``torch.compile`` captures the whole loop, the
+        denoiser's calls included, as one graph (:func:`~diffusion_policy.deploy.warmup.
+        compile_for_inference`).
+        """
+        plan = self.sampler_plan()
+        if plan is None:
+            raise ValueError(f"{type(self.noise_scheduler).__name__} has no sampler plan")
+        timesteps = torch.tensor(plan.timesteps, device=cond.device)  # (S,)
+        films = self._film_conditions(timesteps, cond)  # S x (B, film_dim), or S x None
+
+        def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
+            if films[i] is None:
+                return self.denoiser(x, timesteps[i], cond)
+            return self.denoiser(x, timesteps[i], cond, film=films[i])
+
+        return plan.run(denoise, noise)
+
+    def _sample_with_scheduler(
+        self, x: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """Denoises ``x`` (B, T, Da) with the diffusers scheduler's own loop."""
+        scheduler = self.noise_scheduler
+        self._set_timesteps(cond.device)
+        # Some schedulers (UniPC) draw no noise and take no generator.
+        step_kwargs = {"generator": generator} if _takes_generator(type(scheduler)) else {}
+        timesteps = scheduler.timesteps  # (S,)
+        films = self._film_conditions(timesteps, cond)  # S x (B, film_dim), or S x None
+        x = x * scheduler.init_noise_sigma  # 1 for variance-preserving schedulers
+        for t, film in zip(timesteps, films, strict=True):
+            model_input = scheduler.scale_model_input(x, t)  # identity unless sigma-scaled
+            if film is None:
+                model_output = self.denoiser(model_input, t, cond)
+            else:
+                model_output = self.denoiser(model_input, t, cond, film=film)
+            x = scheduler.step(model_output, t, x, **step_kwargs).prev_sample
+        return x
+
     @torch.no_grad()
     def predict_action(
         self, obs: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
@@ -266,20 +331,10 @@ class DiffusionPolicy(nn.Module):
             device=cond.device if generator is None else generator.device,
         ).to(device=cond.device, dtype=cond.dtype)  # (B, T, Da)
 
-        scheduler = self.noise_scheduler
-        self._set_timesteps(cond.device)
-        # Some schedulers (UniPC) draw no noise and take no generator.
-        step_kwargs = {"generator": generator} if _takes_generator(type(scheduler)) else {}
-        timesteps = scheduler.timesteps  # (S,)
-        films = self._film_conditions(timesteps, cond)  # S x (B, film_dim), or S x None
-        x = x * scheduler.init_noise_sigma  # 1 for variance-preserving schedulers
-        for t, film in zip(timesteps, films, strict=True):
-            model_input = scheduler.scale_model_input(x, t)  # identity unless sigma-scaled
-            if film is None:
-                model_output = self.denoiser(model_input, t, cond)
-            else:
-                model_output = self.denoiser(model_input, t, cond, film=film)
-            x = scheduler.step(model_output, t, x, **step_kwargs).prev_sample
+        if self.use_sampler_plan and self.sampler_plan() is not None:
+            x = (self._compiled_sample or self.sample_with_plan)(x, cond)  # (B, T, Da)
+        else:
+            x = self._sample_with_scheduler(x, cond, generator)
         clip = self.clip_range()
         if clip is not None:
             x = x.clamp(-clip, clip)

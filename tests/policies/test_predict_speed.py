@@ -21,6 +21,7 @@ def _uncached_predict(policy, obs, seed):
 def test_replayed_schedule_samples_what_a_fresh_one_does(scheduler, monkeypatch):
     batch = make_batch(B=1)
     policy = fitted_policy(compose_cfg("unet", scheduler), batch).eval()
+    policy.use_sampler_plan = False  # the diffusers loop, whose set-up is snapshotted
     expected = [_uncached_predict(policy, batch["obs"], seed) for seed in range(2)]
 
     calls = []
