@@ -249,13 +249,15 @@ class DiffusionPolicy(nn.Module):
         )
         return list(film.view(S, B, -1).unbind(0))  # S x (B, film_dim)
 
-    def compile_sampling(self) -> None:
+    def compile_sampling(self, whole_loop: bool = True) -> None:
         """Compiles sampling for static shapes (the compile happens on the next prediction).
 
         With a :class:`SamplerPlan` the whole denoising loop becomes one graph, the denoiser's
-        calls and the solver's arithmetic included; otherwise the denoiser alone is compiled.
+        calls and the solver's arithmetic included (the fastest at batch 1, but the compile
+        takes minutes: every step's denoiser is compiled); otherwise, or with
+        ``whole_loop=False``, the denoiser alone is compiled (once for all steps).
         """
-        if self.use_sampler_plan and self.sampler_plan() is not None:
+        if whole_loop and self.use_sampler_plan and self.sampler_plan() is not None:
             self._compiled_sample = torch.compile(self.sample_with_plan, dynamic=False)
         else:
             self.denoiser.compile(dynamic=False)

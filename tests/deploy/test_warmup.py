@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers import DDIMScheduler
 
 from diffusion_policy.deploy.warmup import compile_for_inference, example_obs
 from tests.deploy.fakes import tiny_policy
@@ -28,8 +29,10 @@ def test_example_obs_images_are_uint8():
 @pytest.mark.slow
 def test_compiled_policy_predicts_what_the_eager_one_does():
     policy = tiny_policy()
+    policy.set_sampler(DDIMScheduler.from_config(policy.noise_scheduler.config), 4)
     obs = {"keypoint": torch.rand(1, 2, 18) * 512, "agent_pos": torch.rand(1, 2, 2) * 512}
     eager = policy.predict_action(obs, generator=torch.Generator().manual_seed(0))["action"]
     assert compile_for_inference(policy) > 0
+    assert policy._compiled_sample is not None  # the whole loop: the sampler has a plan
     compiled = policy.predict_action(obs, generator=torch.Generator().manual_seed(0))["action"]
     torch.testing.assert_close(compiled, eager, atol=1e-3, rtol=1e-4)
