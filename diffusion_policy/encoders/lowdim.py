@@ -15,13 +15,25 @@ from diffusion_policy.data.keys import LOW_DIM
 class LowDimEncoder(nn.Module):
     """Concatenates the low-dim observation keys of a shape description, frame by frame.
 
+    By default the features are the normalized observations themselves. With ``hidden_dims``
+    an MLP (Linear + Mish layers, trained with the policy) maps each frame's concatenation to
+    features: a task whose actions depend on geometry between objects (where to stand behind a
+    block to push it to a zone) gets it computed once per frame instead of by the denoiser.
+
     Args:
         shape_meta: The dataset's shape description:
             ``{"obs": {key: {"shape": [...], "type": "low_dim"}}, "action": {"shape": [Da]}}``.
         keys: Observation keys to use, in this order; all low-dim keys of ``shape_meta`` if None.
+        hidden_dims: Widths of the MLP's layers (the last is the feature size); None or empty
+            for no MLP.
     """
 
-    def __init__(self, shape_meta: Mapping[str, Any], keys: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        shape_meta: Mapping[str, Any],
+        keys: list[str] | None = None,
+        hidden_dims: list[int] | None = None,
+    ) -> None:
         super().__init__()
         obs_meta = shape_meta["obs"]
         if keys is None:
@@ -35,9 +47,17 @@ class LowDimEncoder(nn.Module):
             raise ValueError("LowDimEncoder needs at least one low-dim observation key")
         self.keys = list(keys)
         self.dims = {k: math.prod(obs_meta[k]["shape"]) for k in self.keys}
-        self.output_dim = sum(self.dims.values())
+        width = sum(self.dims.values())
+        layers: list[nn.Module] = []
+        for hidden in hidden_dims or []:
+            if hidden < 1:
+                raise ValueError(f"hidden_dims={list(hidden_dims)} must be positive widths")
+            layers += [nn.Linear(width, hidden), nn.Mish()]
+            width = hidden
+        self.mlp = nn.Sequential(*layers) if layers else None
+        self.output_dim = width
 
     def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Maps normalized observations {key: (B, To, ...)} to features (B, To, output_dim)."""
-        feats = [obs[k].flatten(2) for k in self.keys]  # each (B, To, D_k)
-        return torch.cat(feats, dim=-1)
+        feats = torch.cat([obs[k].flatten(2) for k in self.keys], dim=-1)  # (B, To, sum D_k)
+        return feats if self.mlp is None else self.mlp(feats)

@@ -244,6 +244,16 @@ class FineTuner:
         self.policy_cfg.noise_scheduler = {**requested, **kept}
         self.policy_cfg.policy.num_inference_steps = self.chain.num_steps
         log.info("sampler: deterministic DDIM on the chain's %d timesteps", self.chain.num_steps)
+        if self.chain.ft_steps < self.chain.num_steps:
+            # The chain runs its first steps with the frozen initial denoiser; the deployed
+            # sampler runs the fine-tuned one there, at steps PPO never scored.
+            log.warning(
+                "chain.ft_denoising_steps=%d < chain.num_steps=%d: the deployed sampler runs "
+                "the fine-tuned denoiser at %d steps that fine-tuning does not train",
+                self.chain.ft_steps,
+                self.chain.num_steps,
+                self.chain.num_steps - self.chain.ft_steps,
+            )
 
     def _make_runner(self) -> Any:
         """The policy's EnvRunner from its stored config, with ``eval`` settings merged over."""

@@ -1,0 +1,47 @@
+"""The low-dim encoder: concatenated observations, or an MLP over them trained with the policy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffusion_policy.encoders.lowdim import LowDimEncoder
+from diffusion_policy.training.optim import split_decay
+
+META = {
+    "obs": {"a": {"shape": [3], "type": "low_dim"}, "b": {"shape": [2, 2], "type": "low_dim"}},
+    "action": {"shape": [2]},
+}
+
+
+def _obs():
+    return {"a": torch.randn(4, 2, 3), "b": torch.randn(4, 2, 2, 2)}
+
+
+def test_without_mlp_the_features_are_the_observations():
+    encoder = LowDimEncoder(META)
+    obs = _obs()
+    out = encoder(obs)  # (B, To, 3 + 4)
+    assert encoder.output_dim == 7 and out.shape == (4, 2, 7)
+    torch.testing.assert_close(out, torch.cat([obs["a"], obs["b"].flatten(2)], -1))
+    assert not list(encoder.parameters())
+
+
+def test_mlp_maps_each_frame_and_is_trained():
+    torch.manual_seed(0)
+    encoder = LowDimEncoder(META, hidden_dims=[16, 8])
+    obs = _obs()
+    out = encoder(obs)
+    assert encoder.output_dim == 8 and out.shape == (4, 2, 8)
+    # Frames are encoded alone: changing frame 0 leaves frame 1's features as they were.
+    changed = {k: v.clone() for k, v in obs.items()}
+    changed["a"][:, 0] += 1.0
+    torch.testing.assert_close(encoder(changed)[:, 1], out[:, 1])
+    assert not torch.allclose(encoder(changed)[:, 0], out[:, 0])
+    decay, no_decay = split_decay(encoder)
+    assert len(decay) == 2 and len(no_decay) == 2  # the weights decay, the biases do not
+
+
+def test_bad_widths_are_refused():
+    with pytest.raises(ValueError, match="hidden_dims"):
+        LowDimEncoder(META, hidden_dims=[0])
