@@ -22,6 +22,12 @@ min / median over ``--repeats`` runs after a warm-up run. Figures:
   (``blockpush_lowdim_cpu``; untrained weights fit on a 4-episode oracle store, so every
   episode runs its 350 steps).
 - ``rss``: peak resident memory of a ``train.py +experiment=pusht`` process (3 steps).
+- ``reference``: ratios "ours / original" by the stand-in of ``shared/perf/REFERENCE.md``: the
+  reference is this policy with plain ``nn.Conv1d`` convolutions, the diffusers sampling loop,
+  per-tensor AdamW and fp32 (it ran within 3% of the original code); ours is the defaults. Both
+  are timed in this process, alternating, at the paper keypoint config (training step;
+  ``predict_action`` batch 1, DDIM 16) and the CPU recipe's model (``predict_action`` with its
+  own sampler).
 - ``server``: a control tick that plans (``Controller.act``, batch 1) in-process and through
   the policy server over loopback (a server process on 127.0.0.1), p50 / p99, at the CPU
   recipe's sizes (``+experiment=pusht_lowdim_cpu``, untrained weights); the difference is the
@@ -49,6 +55,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.flop_counter import FlopCounterMode
 
+from diffusion_policy.denoisers.temporal_conv import set_conv_path
 from diffusion_policy.deploy.warmup import compile_for_inference
 from diffusion_policy.training.builders import build_policy
 from diffusion_policy.training.ema import EMA
@@ -60,7 +67,7 @@ from diffusion_policy.utils.timing import summary, timed
 REPO = Path(__file__).resolve().parents[1]  # for configs/ and train.py
 
 EXPERIMENTS = {"keypoint": "pusht_lowdim", "image": "pusht"}
-PARTS = ("step", "loader", "latency", "rollout", "blockpush", "rss", "server")
+PARTS = ("step", "loader", "latency", "reference", "rollout", "blockpush", "rss", "server")
 SAMPLERS = (("ddpm", 100), ("ddim", 16), ("dpmsolver", 4))
 QUICK = ["+debug=fast"]  # tiny models and runs
 
@@ -155,6 +162,84 @@ def bench_latency(cfg: Any, dataset: Any, repeats: int) -> dict[str, Any]:
     out[f"{name}_{steps}_compiled"] = summary(
         timed(lambda: policy.predict_action(obs), repeats, warmup=2)
     )
+    return out
+
+
+def alternating(fns: dict[str, Any], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each function per round, the functions taking turns (after a warm-up round)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(repeats + 1):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def as_reference(policy: Any, fn: Any) -> Any:
+    """``fn`` run the reference way: ``nn.Conv1d``'s convolution and the diffusers loop."""
+
+    def run() -> None:
+        set_conv_path("direct")
+        policy.use_sampler_plan = False
+        try:
+            fn()
+        finally:
+            set_conv_path(None)
+            policy.use_sampler_plan = True
+
+    return run
+
+
+def ratio_row(times: dict[str, list[float]]) -> dict[str, Any]:
+    ours, ref = summary(times["ours"]), summary(times["reference"])
+    return {"ours_s": ours, "reference_s": ref, "ratio": ours["median"] / ref["median"]}
+
+
+def bench_reference(cfg: Any, dataset: Any, recipe_overrides: list[str], repeats: int) -> dict:
+    """Ours / reference at the paper keypoint config and the CPU recipe's model."""
+    out = {}
+    device = torch.device("cpu")
+    batch = dataset.get_batch(torch.randperm(len(dataset))[: cfg.trainer.batch_size].numpy())
+    steps = {}
+    for name, fused, precision in (
+        ("ours", True, cfg.trainer.precision),
+        ("reference", False, "fp32"),
+    ):
+        policy = fitted_policy(cfg, dataset).train()
+        opt_cfg = OmegaConf.merge(cfg.optimizer, {"fused": fused})
+        optimizer = build_optimizer(opt_cfg, policy)
+        ema = EMA(policy, **cfg.ema.params)
+
+        def step(policy=policy, optimizer=optimizer, ema=ema, precision=precision) -> None:
+            with autocast(device, precision):
+                loss = policy(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            ema.update(policy)
+
+        steps[name] = step if name == "ours" else as_reference(policy, step)
+    out["train_step"] = ratio_row(alternating(steps, repeats))
+    del steps
+
+    policy = fitted_policy(cfg, dataset).eval()
+    ddim = OmegaConf.load(REPO / "configs" / "noise_scheduler" / "ddim.yaml")
+    ddim["num_train_timesteps"] = cfg.noise_scheduler.num_train_timesteps
+    policy.set_sampler(instantiate(ddim), min(16, ddim["num_train_timesteps"]))
+    obs = dataset.get_batch([0])["obs"]
+    predict = {"ours": lambda: policy.predict_action(obs)}
+    predict["reference"] = as_reference(policy, predict["ours"])
+    out["predict_ddim_16"] = ratio_row(alternating(predict, repeats))
+
+    recipe_cfg = compose_cfg("pusht_lowdim_cpu", recipe_overrides)
+    recipe_data = instantiate(recipe_cfg.dataset)
+    recipe = fitted_policy(recipe_cfg, recipe_data).eval()
+    obs = recipe_data.get_batch([0])["obs"]
+    predict = {"ours": lambda: recipe.predict_action(obs)}
+    predict["reference"] = as_reference(recipe, predict["ours"])
+    out["recipe_predict"] = ratio_row(alternating(predict, max(repeats, 10)))
     return out
 
 
@@ -389,6 +474,25 @@ def main() -> None:
             rows.append(("keypoint env", f"{r['env_steps_per_s']:,.0f} steps/s"))
             rows.append((f"keypoint rollout, {r['episodes']} episodes, DDIM 16", f"{r['s']:.1f} s"))
         del dataset
+    if "reference" in args.only:
+        cfg = compose_cfg(EXPERIMENTS["keypoint"], overrides)
+        results["reference"] = ref = bench_reference(
+            cfg, instantiate(cfg.dataset), overrides, args.repeats
+        )
+        labels = {
+            "train_step": "keypoint train step, batch 256",
+            "predict_ddim_16": "keypoint predict_action, batch 1, DDIM 16",
+            "recipe_predict": "CPU recipe predict_action, batch 1, its own sampler",
+        }
+        for key, label in labels.items():
+            r = ref[key]
+            rows.append(
+                (
+                    f"ours / reference: {label}",
+                    f"{r['ratio']:.2f} ({1000 * r['ours_s']['median']:.1f} / "
+                    f"{1000 * r['reference_s']['median']:.1f} ms, medians)",
+                )
+            )
     if "blockpush" in args.only:
         results["blockpush"] = r = bench_blockpush(overrides, args.episodes)
         rows.append(("BlockPush env (oracle actions)", f"{r['env_steps_per_s']:,.0f} steps/s"))
