@@ -34,6 +34,7 @@ def main(cfg: DictConfig) -> None:
         )
     if cfg.num_inference_steps:
         policy.set_sampler(policy.noise_scheduler, cfg.num_inference_steps)
+    print(f"sampling precision: {policy.set_inference_precision(cfg.precision)}")
     if cfg.compile:
         compile_for_inference(policy, batch_size=1)
     server = PolicyServer(

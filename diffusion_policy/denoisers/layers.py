@@ -19,14 +19,25 @@ class SinusoidalStepEmbedding(nn.Module):
         super().__init__()
         if dim % 2 != 0:
             raise ValueError(f"step embedding dim={dim} must be even")
-        half = dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half) / max(half - 1, 1))
-        self.register_buffer("freqs", freqs, persistent=False)
+        self.register_buffer("freqs", _frequencies(dim // 2), persistent=False)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        """Embeds steps of shape (B,) into (B, dim)."""
-        angles = t.float()[:, None] * self.freqs[None, :]  # (B, dim/2)
-        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+        """Embeds steps of shape (B,) into (B, dim), in the dtype the module was moved to.
+
+        The angles are always computed in float32: in bf16 (a module converted for bf16
+        inference) a step of 99 would be off by up to 0.4 rad.
+        """
+        freqs = self.freqs
+        if freqs.dtype != torch.float32:
+            freqs = _frequencies(len(freqs), t.device)
+        angles = t.float()[:, None] * freqs[None, :]  # (B, dim/2)
+        return torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.freqs.dtype)
+
+
+def _frequencies(half: int, device: torch.device | None = None) -> torch.Tensor:
+    """The embedding's frequencies (half,), float32: 1 down to 1 / 10000."""
+    steps = torch.arange(half, device=device, dtype=torch.float32)
+    return torch.exp(-math.log(10000.0) * steps / max(half - 1, 1))
 
 
 class StepEncoder(nn.Module):

@@ -15,6 +15,7 @@ from torch import nn
 from diffusion_policy.data.keys import ACTION, LOW_DIM
 from diffusion_policy.data.normalizer import LinearNormalizer
 from diffusion_policy.policies.sampler_plan import SamplerPlan, plan_sampler
+from diffusion_policy.training.precision import resolve_precision
 from diffusion_policy.utils.checks import check_window
 
 
@@ -83,6 +84,7 @@ class DiffusionPolicy(nn.Module):
         # Deterministic samplers run as a fixed recurrence (policies/sampler_plan.py), equal to
         # the diffusers loop; False keeps the diffusers loop.
         self.use_sampler_plan = True
+        self.inference_dtype = torch.float32  # the denoiser's when sampling (see below)
         self._compiled_sample: Callable[..., torch.Tensor] | None = None
 
     def set_sampler(
@@ -282,14 +284,38 @@ class DiffusionPolicy(nn.Module):
         if plan is None:
             raise ValueError(f"{type(self.noise_scheduler).__name__} has no sampler plan")
         timesteps = torch.tensor(plan.timesteps, device=cond.device)  # (S,)
+        cond = cond.to(self.inference_dtype)
         films = self._film_conditions(timesteps, cond)  # S x (B, film_dim), or S x None
+        return plan.run(lambda x, i: self._denoise(x, timesteps[i], cond, films[i]), noise)
 
-        def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
-            if films[i] is None:
-                return self.denoiser(x, timesteps[i], cond)
-            return self.denoiser(x, timesteps[i], cond, film=films[i])
+    def _denoise(
+        self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, film: torch.Tensor | None
+    ) -> torch.Tensor:
+        """One sampling call of the denoiser in its inference dtype; the output in x's dtype."""
+        inp = x.to(self.inference_dtype)
+        if film is None:
+            return self.denoiser(inp, t, cond).to(x.dtype)
+        return self.denoiser(inp, t, cond, film=film).to(x.dtype)
 
-        return plan.run(denoise, noise)
+    def set_inference_precision(self, precision: str) -> str:
+        """Samples with the denoiser's weights in bf16 or fp32; for a deployed policy.
+
+        ``bf16`` rounds the denoiser's weights to bfloat16 (half the bytes each call reads: what
+        batch-1 sampling of a large UNet waits for); ``auto`` does so where the hardware
+        multiplies bf16 natively (see :func:`~diffusion_policy.training.precision.
+        choose_precision`), else keeps fp32. The samples and the solver's arithmetic stay
+        float32. The rounding is not undone by ``fp32`` (that only converts the rounded weights
+        back): convert a policy that is done training.
+
+        Returns:
+            The precision chosen, ``fp32`` or ``bf16``.
+        """
+        device = next(self.denoiser.parameters()).device
+        chosen = resolve_precision(precision, device)
+        self.inference_dtype = torch.bfloat16 if chosen == "bf16" else torch.float32
+        self.denoiser.to(self.inference_dtype)
+        self._compiled_sample = None  # a compiled loop is for the old dtype
+        return chosen
 
     def _sample_with_scheduler(
         self, x: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None
@@ -300,14 +326,12 @@ class DiffusionPolicy(nn.Module):
         # Some schedulers (UniPC) draw no noise and take no generator.
         step_kwargs = {"generator": generator} if _takes_generator(type(scheduler)) else {}
         timesteps = scheduler.timesteps  # (S,)
+        cond = cond.to(self.inference_dtype)
         films = self._film_conditions(timesteps, cond)  # S x (B, film_dim), or S x None
         x = x * scheduler.init_noise_sigma  # 1 for variance-preserving schedulers
         for t, film in zip(timesteps, films, strict=True):
             model_input = scheduler.scale_model_input(x, t)  # identity unless sigma-scaled
-            if film is None:
-                model_output = self.denoiser(model_input, t, cond)
-            else:
-                model_output = self.denoiser(model_input, t, cond, film=film)
+            model_output = self._denoise(model_input, t, cond, film)
             x = scheduler.step(model_output, t, x, **step_kwargs).prev_sample
         return x
 
