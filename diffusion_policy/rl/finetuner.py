@@ -217,13 +217,18 @@ class FineTuner:
         )
 
     def _evaluate(self) -> None:
-        """Scores the policy's own (deterministic, deployed) sampler on the test seeds."""
+        """Scores the policy's own (deterministic, deployed) sampler on the test seeds; saves
+        ``best.ckpt`` when ``best_metric`` beats its best so far."""
         with self.clock.paused():
             result = self.runner.run(self.policy)
         metrics = {f"eval/{k}": v for k, v in result.items() if isinstance(v, int | float)}
         self.logger.log(metrics, step=self.iteration)
-        score = float(result.get("test/mean_score", -math.inf))
-        log.info("eval at iteration %d: test/mean_score %.3f", self.iteration, score)
+        metric = self.cfg.best_metric
+        if metric not in result:
+            scalars = sorted(k for k, v in result.items() if isinstance(v, int | float))
+            raise ValueError(f"best_metric={metric!r} is not among the evaluation's {scalars}")
+        score = float(result[metric])
+        log.info("eval at iteration %d: %s %.3f", self.iteration, metric, score)
         if score > self.best_score:
             self.best_score = score
             self._save(self.ckpt_dir / BEST)

@@ -110,11 +110,19 @@ def test_finetune_writes_a_policy_checkpoint_and_resumes(bc_checkpoint, tmp_path
         assert key in train[-1]
     evals = [r for r in records if "eval/test/mean_score" in r]
     assert [r["step"] for r in evals] == [0, 1, 2]  # before training, then every iteration
+    best = max(r["eval/test/mean_score"] for r in evals)  # best_metric: test/mean_score
+    assert state["finetune"]["best_score"] == pytest.approx(best)
 
     FineTuner(_cfg(bc_checkpoint, "resume=true", "n_iterations=3"), run).run()
     assert load_checkpoint(latest)["finetune"]["iteration"] == 3
     records = [json.loads(line) for line in (run / "logs.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "train/return" in r] == [1, 2, 3]
+
+
+def test_unknown_best_metric_is_named(bc_checkpoint, tmp_path):
+    cfg = _cfg(bc_checkpoint, "best_metric=test/nope", "n_iterations=0")
+    with pytest.raises(ValueError, match="best_metric='test/nope'.*test/success_rate"):
+        FineTuner(cfg, tmp_path / "run").run()
 
 
 def test_training_seeds_must_not_overlap_test_seeds(bc_checkpoint, tmp_path):
