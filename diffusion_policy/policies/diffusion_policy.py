@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -14,7 +12,7 @@ from torch import nn
 
 from diffusion_policy.data.keys import ACTION, LOW_DIM
 from diffusion_policy.data.normalizer import LinearNormalizer
-from diffusion_policy.policies.sampler_plan import SamplerPlan, plan_sampler
+from diffusion_policy.policies.sampler_plan import SamplerPlan, plan_sampler, takes_generator
 from diffusion_policy.training.precision import resolve_precision
 from diffusion_policy.utils.checks import check_window
 
@@ -259,10 +257,14 @@ class DiffusionPolicy(nn.Module):
         takes minutes: every step's denoiser is compiled); otherwise, or with
         ``whole_loop=False``, the denoiser alone is compiled (once for all steps).
         """
-        if whole_loop and self.use_sampler_plan and self.sampler_plan() is not None:
+        if whole_loop and self._planned():
             self._compiled_sample = torch.compile(self.sample_with_plan, dynamic=False)
         else:
             self.denoiser.compile(dynamic=False)
+
+    def _planned(self) -> bool:
+        """Whether sampling runs the plan (allowed, and the sampler has one)."""
+        return self.use_sampler_plan and self.sampler_plan() is not None
 
     def sampler_plan(self) -> SamplerPlan | None:
         """The sampler's :class:`SamplerPlan` (cached), or None if it is not deterministic."""
@@ -324,7 +326,7 @@ class DiffusionPolicy(nn.Module):
         scheduler = self.noise_scheduler
         self._set_timesteps(cond.device)
         # Some schedulers (UniPC) draw no noise and take no generator.
-        step_kwargs = {"generator": generator} if _takes_generator(type(scheduler)) else {}
+        step_kwargs = {"generator": generator} if takes_generator(type(scheduler)) else {}
         timesteps = scheduler.timesteps  # (S,)
         cond = cond.to(self.inference_dtype)
         films = self._film_conditions(timesteps, cond)  # S x (B, film_dim), or S x None
@@ -357,7 +359,7 @@ class DiffusionPolicy(nn.Module):
             device=cond.device if generator is None else generator.device,
         ).to(device=cond.device, dtype=cond.dtype)  # (B, T, Da)
 
-        if self.use_sampler_plan and self.sampler_plan() is not None:
+        if self._planned():
             x = (self._compiled_sample or self.sample_with_plan)(x, cond)  # (B, T, Da)
         else:
             x = self._sample_with_scheduler(x, cond, generator)
@@ -371,12 +373,6 @@ class DiffusionPolicy(nn.Module):
             ACTION: action_pred[:, start : start + self.n_action_steps],
             "action_pred": action_pred,
         }
-
-
-@functools.cache
-def _takes_generator(scheduler_type: type) -> bool:
-    """Whether the scheduler's ``step`` draws noise from a ``generator`` argument."""
-    return "generator" in inspect.signature(scheduler_type.step).parameters
 
 
 def _copy_state(state: Mapping[str, Any]) -> dict[str, Any]:

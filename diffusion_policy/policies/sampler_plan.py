@@ -20,6 +20,7 @@ diffusers loop.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 from collections.abc import Callable
@@ -104,9 +105,16 @@ def plan_sampler(scheduler: SchedulerMixin, num_inference_steps: int) -> Sampler
     return plan
 
 
+@functools.cache
+def takes_generator(scheduler_type: type) -> bool:
+    """Whether the scheduler's ``step`` draws noise from a ``generator`` argument (UniPC takes
+    none)."""
+    return "generator" in inspect.signature(scheduler_type.step).parameters
+
+
 def _draws_noise(scheduler: SchedulerMixin, steps: int) -> bool:
     """Whether the first step's result depends on the random generator (DDPM: it does)."""
-    if "generator" not in inspect.signature(scheduler.step).parameters:
+    if not takes_generator(type(scheduler)):
         return False
     x, out = torch.full((1, 1, 1), 0.5), torch.full((1, 1, 1), 0.1)
     results = []
@@ -198,7 +206,7 @@ def _matches(plan: SamplerPlan, scheduler: SchedulerMixin, steps: int) -> bool:
         log.append(x)
         return offsets[i] + 0.5 * x
 
-    kwargs = {"generator": gen} if "generator" in inspect.signature(real.step).parameters else {}
+    kwargs = {"generator": gen} if takes_generator(type(real)) else {}
     x = noise * real.init_noise_sigma
     for i, t in enumerate(real.timesteps):
         x = real.step(model(x, i, inputs["real"]), t, x, **kwargs).prev_sample
