@@ -14,7 +14,9 @@ min / median over ``--repeats`` runs after a warm-up run. Figures:
 - ``loader``: samples/s of the training ``DataLoader`` (shuffled windows, batches built by the
   datasets' ``__getitems__``), as in training.
 - ``latency``: ``predict_action`` on one observation (batch 1) per sampler setting, and the CPU
-  recipe's model (``pusht_lowdim_cpu``: UNet [32, 64, 128]) with its own sampler.
+  recipe's model (``pusht_lowdim_cpu``: UNet [32, 64, 128]) with its own sampler, eager and
+  compiled as ``serve.py`` deploys it, and at the thread count ``threads=auto`` chooses when
+  that is not the bench's.
 - ``rollout``: steps/s of one keypoint env, and the wall time of a 50-episode keypoint
   evaluation (test seeds, DDIM 16 steps; untrained weights, so every episode runs its 300 steps).
 - ``blockpush``: steps/s of one BlockPush env (pybullet, the scripted oracle's actions), and the
@@ -56,7 +58,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion_policy.denoisers.temporal_conv import set_conv_path
-from diffusion_policy.deploy.warmup import compile_for_inference
+from diffusion_policy.deploy.warmup import choose_inference_threads, compile_for_inference
 from diffusion_policy.training.builders import build_policy
 from diffusion_policy.training.ema import EMA
 from diffusion_policy.training.optim import build_optimizer
@@ -256,13 +258,23 @@ def bench_recipe_latency(overrides: list[str], repeats: int) -> dict[str, Any]:
     seconds = compile_for_inference(policy)  # as `scripts/serve.py compile=true` deploys it
     print(f"compiled the CPU recipe's sampling loop in {seconds:.0f} s", flush=True)
     out[f"{setting}_compiled"] = summary(timed(lambda: policy.predict_action(obs), repeats))
+    threads = torch.get_num_threads()
+    best = choose_inference_threads(policy)  # serve.py's threads=auto
+    if best != threads:
+        predict = summary(timed(lambda: policy.predict_action(obs), repeats))
+        out[f"{setting}_compiled_{best}threads"] = predict
+    torch.set_num_threads(threads)
     return out
 
 
 def setting_label(setting: str) -> str:
-    """``dpmsolver_4_compiled`` -> ``dpmsolver 4 steps, compiled``."""
-    name, steps, *compiled = setting.split("_")
-    return f"{name} {steps} steps" + (", compiled" if compiled else "")
+    """``dpmsolver_4_compiled_1threads`` -> ``dpmsolver 4 steps, compiled, 1 threads (auto)``."""
+    name, steps, *rest = setting.split("_")
+    label = f"{name} {steps} steps"
+    for part in rest:
+        threads = part.removesuffix("threads")
+        label += f", {threads} threads (auto)" if threads != part else ", compiled"
+    return label
 
 
 def timed_evaluation(cfg: Any, policy: Any, n_episodes: int) -> dict[str, Any]:

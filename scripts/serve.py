@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from diffusion_policy.deploy.export import load_exported
 from diffusion_policy.deploy.server import PolicyServer, check_bind
-from diffusion_policy.deploy.warmup import compile_for_inference
+from diffusion_policy.deploy.warmup import compile_for_inference, set_inference_threads
 from diffusion_policy.training.builders import load_policy, resolve_device
 
 
@@ -37,6 +37,7 @@ def main(cfg: DictConfig) -> None:
     print(f"sampling precision: {policy.set_inference_precision(cfg.precision)}")
     if cfg.compile:
         compile_for_inference(policy, batch_size=1)
+    print(f"sampling threads: {set_inference_threads(policy, cfg.threads)}")
     server = PolicyServer(
         policy,
         host=cfg.host,

@@ -1,11 +1,15 @@
-"""Compiling a policy for serving, and paying the compile before the first request."""
+"""Preparing a policy for serving: the compile paid before the first request, and the number
+of threads that samples fastest here."""
 
 from __future__ import annotations
 
 import logging
+import statistics
 import time
+from collections.abc import Callable, Sequence
 
 import torch
+import torch._inductor.config as inductor_config
 
 from diffusion_policy.data.keys import LOW_DIM
 from diffusion_policy.policies.diffusion_policy import DiffusionPolicy
@@ -36,8 +40,99 @@ def compile_for_inference(policy: DiffusionPolicy, batch_size: int = 1) -> float
         The seconds the compile and warm-up took.
     """
     start = time.perf_counter()
-    policy.compile_sampling()
-    policy.predict_action(example_obs(policy, batch_size))
+    # Generated kernels read the thread count at run time rather than baking in today's, so
+    # choose_inference_threads can still change it.
+    with inductor_config.patch({"cpp.dynamic_threads": True}):
+        policy.compile_sampling()
+        policy.predict_action(example_obs(policy, batch_size))
     seconds = time.perf_counter() - start
     log.info("compiled sampling for batch %d in %.1f s", batch_size, seconds)
     return seconds
+
+
+def thread_candidates(most: int | None = None) -> list[int]:
+    """Thread counts worth timing: powers of two below ``most`` (default: torch's count now)
+    and ``most`` itself."""
+    most = most or torch.get_num_threads()
+    counts = {most}
+    n = 1
+    while n < most:
+        counts.add(n)
+        n *= 2
+    return sorted(counts)
+
+
+def fastest_threads(
+    predict: Callable[[], object],
+    candidates: Sequence[int],
+    repeats: int = 7,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[int, dict[int, float]]:
+    """Times ``predict`` at each intra-op thread count and keeps the fastest.
+
+    At batch 1 a denoiser's kernels are small, and on some CPUs threads cost more in
+    synchronization than they save (measured: 1 thread beat 2 on a 2-core AVX2 EPYC); on others
+    more threads win. The counts take turns (one call each per round, after one untimed round),
+    so a burst of load on the machine hits them all.
+
+    Args:
+        predict: One prediction, e.g. ``lambda: policy.predict_action(obs)``.
+        candidates: Thread counts to try, e.g. :func:`thread_candidates`.
+        repeats: Timed rounds; the median of each count's times is compared.
+        clock: Seconds now (a parameter for tests).
+
+    Returns:
+        The fastest count, which ``torch.set_num_threads`` is left at, and the median seconds of
+        each count.
+
+    Raises:
+        ValueError: No candidates, or a count below 1.
+    """
+    if not candidates or min(candidates) < 1:
+        raise ValueError(f"thread candidates must be counts >= 1, got {list(candidates)}")
+    times: dict[int, list[float]] = {n: [] for n in candidates}
+    for round_ in range(repeats + 1):
+        for n in candidates:
+            torch.set_num_threads(n)
+            start = clock()
+            predict()
+            if round_:  # the first round warms each count up
+                times[n].append(clock() - start)
+    medians = {n: statistics.median(ts) for n, ts in times.items()}
+    best = min(medians, key=medians.get)
+    torch.set_num_threads(best)
+    return best, medians
+
+
+def choose_inference_threads(policy: DiffusionPolicy, batch_size: int = 1) -> int:
+    """Sets torch's thread count to the one that samples ``batch_size`` fastest here.
+
+    Call it after :func:`compile_for_inference` (a compile inside the timing would decide the
+    choice). Candidates: :func:`thread_candidates` up to the count torch uses now.
+
+    Returns:
+        The thread count chosen.
+    """
+    obs = example_obs(policy, batch_size)
+    best, medians = fastest_threads(lambda: policy.predict_action(obs), thread_candidates())
+    timings = ", ".join(f"{n}: {1e3 * s:.1f} ms" for n, s in medians.items())
+    log.info("sampling threads for batch %d: %d (%s)", batch_size, best, timings)
+    return best
+
+
+def set_inference_threads(policy: DiffusionPolicy, setting: int | str) -> int:
+    """Applies a thread setting: ``"auto"`` (:func:`choose_inference_threads` at batch 1) or a
+    count.
+
+    Returns:
+        The thread count set.
+
+    Raises:
+        ValueError: ``setting`` is neither ``"auto"`` nor a count >= 1.
+    """
+    if setting == "auto":
+        return choose_inference_threads(policy)
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
+        raise ValueError(f"threads={setting!r} must be 'auto' or a count >= 1")
+    torch.set_num_threads(setting)
+    return setting

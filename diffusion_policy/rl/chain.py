@@ -18,9 +18,15 @@ RL sense whose log-probability is differentiable in the denoiser's weights (DPPO
 with ``a`` the cumulative alphas. The standard deviation is clipped from below by ``min_std`` so
 that exploration never vanishes (the last step's ``sigma`` is 0), and every log-density is
 computed with a bound ``logprob_min_std`` (DPPO's two bounds): a larger one there keeps PPO's
-ratios, densities over whole chunks, from swinging with tiny changes of the mean. Only the
-last ``ft_steps`` steps are fine-tuned (and scored); a frozen copy of the initial denoiser runs
-the earlier ones.
+ratios from swinging with tiny changes of the mean. Only the last ``ft_steps`` steps are
+fine-tuned (and scored); a frozen copy of the initial denoiser runs the earlier ones.
+
+What PPO's ratio compares is each step's log-density reduced one of two ways (``log_prob``):
+``"sum"`` over the whole chunk (T, Da), the exact log-likelihood; or ``"executed_mean"``, the
+mean per element over the actions the env executes (DPPO's). A sum over 32 elements moves the
+ratio ~32 times as far for the same change of the mean, so a clip range of 0.01 set for the
+mean clips most of the batch (measured on Push-T: 70% of pairs clipped), and the horizon's
+unexecuted tail, which no reward scores, adds its noise to every ratio.
 
 The chain works on the policy's public parts (``denoiser``, ``noise_scheduler``, ``normalizer``,
 ``encode_obs``) and leaves the policy's own sampler, the one deployed, untouched.
@@ -40,6 +46,7 @@ from diffusion_policy.data.keys import ACTION
 from diffusion_policy.policies.diffusion_policy import DiffusionPolicy
 
 _LOG_2PI = math.log(2.0 * math.pi)
+LOG_PROB_MODES = ("sum", "executed_mean")
 
 
 @dataclass
@@ -50,7 +57,8 @@ class ChainSample:
         action: The final sample, unnormalized and clamped if the scheduler clips (B, T, Da).
         samples: The fine-tuned steps' inputs and the final sample, x_K..x_0 (B, K + 1, T, Da),
             normalized: step ``j`` maps ``samples[:, j]`` to ``samples[:, j + 1]``.
-        log_probs: Each fine-tuned step's log-density, summed over (T, Da) (B, K).
+        log_probs: Each fine-tuned step's log-density, reduced as the chain's ``log_prob``
+            says (B, K).
     """
 
     action: torch.Tensor
@@ -72,6 +80,8 @@ class DenoisingChain(nn.Module):
         logprob_min_std: Lower bound of the standard deviation the log-densities are computed
             with (> 0); None uses ``min_std``. Larger than ``min_std``, it makes PPO's ratios
             less sensitive to small changes of the mean (DPPO's separate bounds).
+        log_prob: How a step's log-density is reduced over the chunk (see the module
+            docstring): ``"sum"`` or ``"executed_mean"``.
 
     Raises:
         ValueError: A value out of range, naming it.
@@ -85,6 +95,7 @@ class DenoisingChain(nn.Module):
         eta: float = 1.0,
         min_std: float = 0.1,
         logprob_min_std: float | None = None,
+        log_prob: str = "executed_mean",
     ) -> None:
         super().__init__()
         n_train = policy.num_train_timesteps
@@ -99,6 +110,8 @@ class DenoisingChain(nn.Module):
         for name, value in (("min_std", min_std), ("logprob_min_std", logprob_min_std)):
             if not value > 0:
                 raise ValueError(f"{name}={value} must be > 0")
+        if log_prob not in LOG_PROB_MODES:
+            raise ValueError(f"log_prob={log_prob!r} must be one of {LOG_PROB_MODES}")
         self.policy = policy
         # The frozen initial denoiser runs the steps that are not fine-tuned (and anchors the
         # optional KL penalty); it is not a submodule, so the policy's state dict is unchanged.
@@ -107,6 +120,10 @@ class DenoisingChain(nn.Module):
         self.eta = eta
         self.min_std = min_std
         self.logprob_min_std = logprob_min_std
+        self.log_prob = log_prob
+        # The executed actions of a predicted chunk, as predict_action slices them.
+        start = policy.n_obs_steps - 1
+        self.executed = slice(start, start + policy.n_action_steps)
         # Training timesteps, the noisiest first, e.g. 99, 89, ..., 9 for 10 of 100.
         step = n_train / num_steps
         timesteps = [round(n_train - 1 - i * step) for i in range(num_steps)]
@@ -204,8 +221,8 @@ class DenoisingChain(nn.Module):
         cond: torch.Tensor,
         denoiser: nn.Module | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """log N(x_prev; mu(x, t, cond), std^2), summed over (T, Da), with
-        ``std = max(sigma, logprob_min_std)``.
+        """log N(x_prev; mu(x, t, cond), std^2), reduced over (T, Da) as ``log_prob`` says,
+        with ``std = max(sigma, logprob_min_std)``.
 
         Args:
             x: Step inputs (B, T, Da).
@@ -219,7 +236,7 @@ class DenoisingChain(nn.Module):
         """
         mean, sigma = self.gaussian(denoiser or self.policy.denoiser, x, t, cond)
         std = sigma.clamp_min(self.logprob_min_std)
-        return _log_density(x_prev, mean, std), mean, std
+        return self._log_density(x_prev, mean, std), mean, std
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> ChainSample:
@@ -247,7 +264,8 @@ class DenoisingChain(nn.Module):
             x_prev = mean + sigma.clamp_min(self.min_std) * noise
             if fine_tuned:
                 samples.append(x)
-                log_probs.append(_log_density(x_prev, mean, sigma.clamp_min(self.logprob_min_std)))
+                std = sigma.clamp_min(self.logprob_min_std)
+                log_probs.append(self._log_density(x_prev, mean, std))
             x = x_prev
         samples.append(x)
         final = x.clamp(-self.clip, self.clip) if self.clip is not None else x
@@ -277,8 +295,10 @@ class DenoisingChain(nn.Module):
         log_prob, _, _ = self.step_log_prob(x, t, x_prev, cond_k)
         return log_prob.view(B, K)
 
-
-def _log_density(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """log N(x; mean, std^2) summed over all but the batch dimension (B,)."""
-    z = (x - mean) / std
-    return (-0.5 * z**2 - std.log() - 0.5 * _LOG_2PI).flatten(1).sum(1)
+    def _log_density(self, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """log N(x; mean, std^2) of chunks (B, T, Da), reduced as ``log_prob`` says: (B,)."""
+        z = (x - mean) / std
+        per_element = -0.5 * z**2 - std.log() - 0.5 * _LOG_2PI  # (B, T, Da)
+        if self.log_prob == "sum":
+            return per_element.flatten(1).sum(1)
+        return per_element[:, self.executed].flatten(1).mean(1)

@@ -83,6 +83,7 @@ class FineTuner:
             eta=ccfg.eta,
             min_std=ccfg.min_std,
             logprob_min_std=ccfg.logprob_min_std,
+            log_prob=ccfg.log_prob,
         ).to(self.device)
         if cfg.sampler == "chain":
             self._deploy_chain_sampler()

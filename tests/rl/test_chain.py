@@ -14,8 +14,11 @@ def _cond(policy, B: int = 3) -> torch.Tensor:
     return policy.encode_obs(obs)  # (B, To, F)
 
 
-@pytest.mark.parametrize("num_steps, eta, logprob_min_std", [(None, 1.0, None), (5, 0.5, 0.1)])
-def test_log_prob_matches_torch_normal(tiny_policy, num_steps, eta, logprob_min_std):
+@pytest.mark.parametrize(
+    "num_steps, eta, logprob_min_std, log_prob",
+    [(None, 1.0, None, "sum"), (5, 0.5, 0.1, "sum"), (5, 0.5, 0.1, "executed_mean")],
+)
+def test_log_prob_matches_torch_normal(tiny_policy, num_steps, eta, logprob_min_std, log_prob):
     chain = DenoisingChain(
         tiny_policy,
         num_steps=num_steps,
@@ -23,7 +26,11 @@ def test_log_prob_matches_torch_normal(tiny_policy, num_steps, eta, logprob_min_
         eta=eta,
         min_std=0.05,
         logprob_min_std=logprob_min_std,
+        log_prob=log_prob,
     )
+    # "executed_mean" scores the actions predict_action executes: from the last observed step.
+    start = tiny_policy.n_obs_steps - 1
+    executed = slice(start, start + tiny_policy.n_action_steps)
     cond = _cond(tiny_policy)
     out = chain.sample(cond, torch.Generator().manual_seed(0))
     assert out.samples.shape == (3, 4, 8, 2)
@@ -34,7 +41,11 @@ def test_log_prob_matches_torch_normal(tiny_policy, num_steps, eta, logprob_min_
         with torch.no_grad():
             mean, sigma = chain.gaussian(tiny_policy.denoiser, x, t.expand(3), cond)
         std = sigma.clamp_min(logprob_min_std or 0.05)
-        expected = Normal(mean, std.expand_as(mean)).log_prob(x_prev).sum((1, 2))  # (B,)
+        per_element = Normal(mean, std.expand_as(mean)).log_prob(x_prev)  # (B, T, Da)
+        if log_prob == "sum":
+            expected = per_element.sum((1, 2))  # (B,)
+        else:
+            expected = per_element[:, executed].mean((1, 2))
         torch.testing.assert_close(out.log_probs[:, j], expected)
     # Recomputing the whole chain's log-likelihood under the same weights gives it again.
     with torch.no_grad():
@@ -74,7 +85,12 @@ def test_same_generator_same_chain(tiny_policy):
 
 @pytest.mark.parametrize(
     "kwargs, bad",
-    [({"ft_steps": 11}, "ft_steps=11"), ({"eta": 0.0}, "eta=0.0"), ({"min_std": 0}, "min_std=0")],
+    [
+        ({"ft_steps": 11}, "ft_steps=11"),
+        ({"eta": 0.0}, "eta=0.0"),
+        ({"min_std": 0}, "min_std=0"),
+        ({"log_prob": "mean"}, "log_prob='mean'"),
+    ],
 )
 def test_bad_settings_are_named(tiny_policy, kwargs, bad):
     with pytest.raises(ValueError, match=bad):
