@@ -84,7 +84,8 @@ def ppo_update(
 
     Returns:
         Means over the minibatches: ``pg_loss``, ``value_loss``, ``approx_kl``, ``clip_frac``,
-        ``kl_to_init``, ``log_std`` (the entropy proxy), and the count ``n_skipped``.
+        ``kl_to_init``, ``log_std`` (the entropy proxy), and the count ``n_skipped``; in a
+        warm-up (``train_actor=False``) ``value_loss`` and ``n_skipped`` only.
     """
     M, K = batch.log_probs.shape
     adv = batch.advantages
@@ -108,7 +109,8 @@ def ppo_update(
                 n_skipped += 1
                 continue
             n_batches += 1
-            epoch_kl.append(stats["approx_kl"])
+            if "approx_kl" in stats:  # not in a critic-only warm-up step
+                epoch_kl.append(stats["approx_kl"])
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + value
         if cfg.target_kl is not None and epoch_kl and sum(epoch_kl) / len(epoch_kl) > cfg.target_kl:
@@ -132,6 +134,8 @@ def _minibatch_step(
     train_actor: bool = True,
 ) -> dict[str, float] | None:
     """One gradient step on the pairs (m, k); None if it was skipped as non-finite."""
+    if not train_actor:  # a warm-up step: the denoiser's forward and backward would be wasted
+        return _critic_step(critic, critic_opt, cfg, batch, m)
     x = batch.samples[m, k]  # (b, T, Da)
     x_prev = batch.samples[m, k + 1]  # (b, T, Da)
     cond, t = batch.cond[m], t_of_step[k]  # (b, To, F), (b,)
@@ -164,8 +168,7 @@ def _minibatch_step(
         actor_opt.zero_grad(set_to_none=True)
         critic_opt.zero_grad(set_to_none=True)
         return None
-    if train_actor:
-        actor_opt.step()
+    actor_opt.step()
     critic_opt.step()
     with torch.no_grad():
         return {
@@ -177,6 +180,28 @@ def _minibatch_step(
             "log_std": float(std.log().mean()),
             "grad_norm": actor_norm,
         }
+
+
+def _critic_step(
+    critic: ValueMLP,
+    critic_opt: torch.optim.Optimizer,
+    cfg: PPOConfig,
+    batch: PPOBatch,
+    m: torch.Tensor,
+) -> dict[str, float] | None:
+    """One gradient step of the critic alone on the decisions ``m``; None if non-finite."""
+    value_loss = 0.5 * (critic(batch.cond[m], batch.elapsed[m]) - batch.returns[m]).pow(2).mean()
+    critic_opt.zero_grad(set_to_none=True)
+    if not torch.isfinite(value_loss):
+        log.warning("PPO: non-finite value loss %s; minibatch skipped", float(value_loss.detach()))
+        return None
+    (cfg.vf_coef * value_loss).backward()
+    if not math.isfinite(_clip(critic_opt, cfg.max_grad_norm)):
+        log.warning("PPO: non-finite critic gradient norm; minibatch skipped")
+        critic_opt.zero_grad(set_to_none=True)
+        return None
+    critic_opt.step()
+    return {"value_loss": float(value_loss.detach())}
 
 
 def _clip(optimizer: torch.optim.Optimizer, max_norm: float) -> float:

@@ -64,9 +64,12 @@ def test_critic_warmup_trains_only_the_critic(tiny_policy):
     batch.returns = torch.ones(8)
     critic_before = [p.clone() for p in critic.parameters()]
     cfg = PPOConfig(epochs=2, minibatch_size=6)
-    ppo_update(chain, critic, actor_opt, critic_opt, batch, cfg, train_actor=False)
+    metrics = ppo_update(chain, critic, actor_opt, critic_opt, batch, cfg, train_actor=False)
     for k, v in tiny_policy.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    # The denoiser did not even run backward: a warm-up costs the critic's step alone.
+    assert all(p.grad is None for p in tiny_policy.denoiser.parameters())
+    assert metrics["value_loss"] > 0 and "pg_loss" not in metrics
     assert any(
         not torch.equal(a, b) for a, b in zip(critic_before, critic.parameters(), strict=True)
     )
