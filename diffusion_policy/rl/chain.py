@@ -95,7 +95,7 @@ class DenoisingChain(nn.Module):
         eta: float = 1.0,
         min_std: float = 0.1,
         logprob_min_std: float | None = None,
-        log_prob: str = "executed_mean",
+        log_prob: str = "sum",
     ) -> None:
         super().__init__()
         n_train = policy.num_train_timesteps
