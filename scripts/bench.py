@@ -64,7 +64,7 @@ from diffusion_policy.training.ema import EMA
 from diffusion_policy.training.optim import build_optimizer
 from diffusion_policy.training.precision import autocast
 from diffusion_policy.utils.atomic import atomic_write_text
-from diffusion_policy.utils.timing import summary, timed
+from diffusion_policy.utils.timing import alternating, summary, timed
 
 REPO = Path(__file__).resolve().parents[1]  # for configs/ and train.py
 
@@ -166,18 +166,6 @@ def bench_latency(cfg: Any, dataset: Any, repeats: int) -> dict[str, Any]:
         timed(lambda: policy.predict_action(obs), repeats, warmup=2)
     )
     return out
-
-
-def alternating(fns: dict[str, Any], repeats: int) -> dict[str, list[float]]:
-    """Seconds of each function per round, the functions taking turns (after a warm-up round)."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for round_ in range(repeats + 1):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            if round_:
-                times[name].append(time.perf_counter() - start)
-    return times
 
 
 def as_reference(policy: Any, fn: Any) -> Any:

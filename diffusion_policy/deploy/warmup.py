@@ -13,6 +13,7 @@ import torch._inductor.config as inductor_config
 
 from diffusion_policy.data.keys import LOW_DIM
 from diffusion_policy.policies.diffusion_policy import DiffusionPolicy
+from diffusion_policy.utils.timing import alternating
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +92,15 @@ def fastest_threads(
     """
     if not candidates or min(candidates) < 1:
         raise ValueError(f"thread candidates must be counts >= 1, got {list(candidates)}")
-    times: dict[int, list[float]] = {n: [] for n in candidates}
-    for round_ in range(repeats + 1):
-        for n in candidates:
+
+    def at(n: int) -> Callable[[], None]:
+        def run() -> None:
             torch.set_num_threads(n)
-            start = clock()
             predict()
-            if round_:  # the first round warms each count up
-                times[n].append(clock() - start)
+
+        return run
+
+    times = alternating({n: at(n) for n in candidates}, repeats, clock)
     medians = {n: statistics.median(ts) for n, ts in times.items()}
     best = min(medians, key=medians.get)
     torch.set_num_threads(best)
