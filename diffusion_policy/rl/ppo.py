@@ -145,7 +145,7 @@ def _minibatch_step(
     a = adv[m]
     pg_loss = torch.max(-a * ratio, -a * ratio.clamp(1 - cfg.clip_ratio, 1 + cfg.clip_ratio))
     pg_loss = pg_loss.mean()
-    value_loss = 0.5 * (critic(cond, batch.elapsed[m]) - batch.returns[m]).pow(2).mean()
+    value_loss = _value_loss(critic, batch, m)
     loss = pg_loss + cfg.vf_coef * value_loss
     kl_to_init = torch.zeros(())
     if cfg.kl_coef > 0:
@@ -155,21 +155,9 @@ def _minibatch_step(
         kl_to_init = ((mean - base_mean) ** 2 / (2 * std**2)).flatten(1).sum(1).mean()
         loss = loss + cfg.kl_coef * kl_to_init
 
-    actor_opt.zero_grad(set_to_none=True)
-    critic_opt.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss):
-        log.warning("PPO: non-finite loss %s; minibatch skipped", float(loss.detach()))
+    norms = _guarded_step(loss, (actor_opt, critic_opt), cfg.max_grad_norm)
+    if norms is None:
         return None
-    loss.backward()
-    actor_norm = _clip(actor_opt, cfg.max_grad_norm)
-    critic_norm = _clip(critic_opt, cfg.max_grad_norm)
-    if not (math.isfinite(actor_norm) and math.isfinite(critic_norm)):
-        log.warning("PPO: non-finite gradient norm; minibatch skipped")
-        actor_opt.zero_grad(set_to_none=True)
-        critic_opt.zero_grad(set_to_none=True)
-        return None
-    actor_opt.step()
-    critic_opt.step()
     with torch.no_grad():
         return {
             "pg_loss": float(pg_loss),
@@ -178,7 +166,7 @@ def _minibatch_step(
             "clip_frac": float(((ratio - 1).abs() > cfg.clip_ratio).float().mean()),
             "kl_to_init": float(kl_to_init),
             "log_std": float(std.log().mean()),
-            "grad_norm": actor_norm,
+            "grad_norm": norms[0],
         }
 
 
@@ -190,18 +178,41 @@ def _critic_step(
     m: torch.Tensor,
 ) -> dict[str, float] | None:
     """One gradient step of the critic alone on the decisions ``m``; None if non-finite."""
-    value_loss = 0.5 * (critic(batch.cond[m], batch.elapsed[m]) - batch.returns[m]).pow(2).mean()
-    critic_opt.zero_grad(set_to_none=True)
-    if not torch.isfinite(value_loss):
-        log.warning("PPO: non-finite value loss %s; minibatch skipped", float(value_loss.detach()))
+    value_loss = _value_loss(critic, batch, m)
+    if _guarded_step(cfg.vf_coef * value_loss, (critic_opt,), cfg.max_grad_norm) is None:
         return None
-    (cfg.vf_coef * value_loss).backward()
-    if not math.isfinite(_clip(critic_opt, cfg.max_grad_norm)):
-        log.warning("PPO: non-finite critic gradient norm; minibatch skipped")
-        critic_opt.zero_grad(set_to_none=True)
-        return None
-    critic_opt.step()
     return {"value_loss": float(value_loss.detach())}
+
+
+def _value_loss(critic: ValueMLP, batch: PPOBatch, m: torch.Tensor) -> torch.Tensor:
+    """Half the mean squared error of the critic's values of the decisions ``m``."""
+    return 0.5 * (critic(batch.cond[m], batch.elapsed[m]) - batch.returns[m]).pow(2).mean()
+
+
+def _guarded_step(
+    loss: torch.Tensor, optimizers: tuple[torch.optim.Optimizer, ...], max_norm: float
+) -> list[float] | None:
+    """Backward, per-optimizer gradient clipping and a step of each optimizer, unless the loss
+    or a gradient norm is non-finite (then no parameter moves and None is returned).
+
+    Returns:
+        Each optimizer's gradient norm before clipping.
+    """
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        log.warning("PPO: non-finite loss %s; minibatch skipped", float(loss.detach()))
+        return None
+    loss.backward()
+    norms = [_clip(opt, max_norm) for opt in optimizers]
+    if not all(math.isfinite(n) for n in norms):
+        log.warning("PPO: non-finite gradient norm; minibatch skipped")
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        return None
+    for opt in optimizers:
+        opt.step()
+    return norms
 
 
 def _clip(optimizer: torch.optim.Optimizer, max_norm: float) -> float:
