@@ -23,7 +23,11 @@ class ConvBlock(nn.Sequential):
 
 
 class FiLMResBlock(nn.Module):
-    """Two conv blocks; the condition scales and shifts the first block's output (FiLM)."""
+    """Two conv blocks; the condition scales and shifts the first block's output (FiLM).
+
+    ``self.film`` maps the condition to the scale and shift; the parent computes it (once for
+    all blocks, see :meth:`ConditionalUnet1D.film_condition`) and passes the result in.
+    """
 
     def __init__(
         self, in_ch: int, out_ch: int, cond_dim: int, kernel_size: int, n_groups: int
@@ -34,9 +38,9 @@ class FiLMResBlock(nn.Module):
         self.film = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, 2 * out_ch))
         self.skip = nn.Conv1d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x: (B, C_in, T), cond: (B, cond_dim) -> (B, C_out, T)."""
-        scale, shift = self.film(cond).unsqueeze(-1).chunk(2, dim=1)  # (B, C_out, 1) each
+    def forward(self, x: torch.Tensor, film: torch.Tensor) -> torch.Tensor:
+        """x: (B, C_in, T), film: ``self.film`` of the condition (B, 2 * C_out) -> (B, C_out, T)."""
+        scale, shift = film.unsqueeze(-1).chunk(2, dim=1)  # (B, C_out, 1) each
         h = self.conv1(x) * scale + shift
         return self.conv2(h) + self.skip(x)
 
@@ -107,22 +111,27 @@ class ConditionalUnet1D(nn.Module):
             ConvBlock(down_dims[0], down_dims[0], kernel_size, n_groups),
             nn.Conv1d(down_dims[0], action_dim, 1),
         )
+        # The FiLM blocks in the order forward() runs them, and the size of each one's FiLM.
+        self.film_blocks = [m for m in self.modules() if isinstance(m, FiLMResBlock)]
+        self.film_sizes = [b.film[-1].out_features for b in self.film_blocks]
 
     def film_condition(self, timestep: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """The FiLM input of every block: step embedding and observation features.
+        """Every block's FiLM scale and shift, from the step embedding and observation features.
 
         Sampling computes it for all its steps in one call, before the denoising loop, and
-        passes each step's row to :meth:`forward` as ``film``.
+        passes each step's row to :meth:`forward` as ``film``; so a call at batch 1 reads the
+        convolutions' weights only.
 
         Args:
             timestep: Diffusion steps, (B,) or a scalar.
             cond: Observation features, (B, To, cond_dim) or (B, To * cond_dim).
 
         Returns:
-            (B, step_embed_dim + To * cond_dim).
+            (B, sum of 2 * C_out over the blocks), the blocks' FiLM outputs concatenated.
         """
         timestep = torch.as_tensor(timestep, device=cond.device).expand(cond.shape[0])
-        return torch.cat([self.step_encoder(timestep), cond.flatten(1)], dim=-1)
+        c = torch.cat([self.step_encoder(timestep), cond.flatten(1)], dim=-1)  # (B, film_dim)
+        return torch.cat([block.film(c) for block in self.film_blocks], dim=-1)
 
     def forward(
         self,
@@ -144,17 +153,18 @@ class ConditionalUnet1D(nn.Module):
             The model output, (B, T, Da).
         """
         if film is None:
-            film = self.film_condition(timestep, cond)  # (B, film_dim)
+            film = self.film_condition(timestep, cond)  # (B, sum of 2 * C_out)
+        films = iter(film.split(self.film_sizes, dim=-1))  # in the blocks' order
 
         x = sample.transpose(1, 2).contiguous()  # (B, Da, T)
         skips = []
         for res1, res2, downsample in self.down:
-            x = res2(res1(x, film), film)
+            x = res2(res1(x, next(films)), next(films))
             skips.append(x)
             x = downsample(x)
         for res in self.mid:
-            x = res(x, film)
+            x = res(x, next(films))
         for res1, res2, upsample in self.up:
             x = torch.cat([x, skips.pop()], dim=1)
-            x = upsample(res2(res1(x, film), film))
+            x = upsample(res2(res1(x, next(films)), next(films)))
         return self.head(x).transpose(1, 2)  # (B, T, Da)

@@ -46,3 +46,19 @@ def test_horizon_mismatch_is_caught_at_construction():
 def test_groups_must_divide_channels():
     with pytest.raises(ValueError, match="n_groups=8"):
         ConditionalUnet1D(action_dim=2, cond_dim=4, horizon=8, down_dims=[12, 24])
+
+
+def test_every_block_gets_its_own_film():
+    # forward() hands each block a slice of film_condition's output: it must be that block's
+    # FiLM of the condition (checkpoints store the FiLM weights per block).
+    torch.manual_seed(0)
+    net = ConditionalUnet1D(action_dim=2, cond_dim=4, horizon=8, down_dims=[16, 32, 32])
+    t, cond = torch.tensor([3, 70]), torch.randn(2, 4)
+    c = torch.cat([net.step_encoder(t), cond], dim=-1)
+    seen = {}
+    for block in net.film_blocks:
+        block.register_forward_hook(lambda m, args, out: seen.__setitem__(m, args[1]))
+    net(torch.randn(2, 8, 2), t, cond)
+    assert len(seen) == len(net.film_blocks) == 12  # down 3 x 2, mid 2, up 2 x 2
+    for block, film in seen.items():
+        torch.testing.assert_close(film, block.film(c))
