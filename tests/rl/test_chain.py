@@ -144,5 +144,8 @@ def test_ddim_config_samples_the_chain_without_its_noise(tiny_policy):
     with torch.no_grad():
         for t in chain.timesteps:
             x, _ = chain.gaussian(tiny_policy.denoiser, x, t.expand(2), cond)  # the mean: no noise
-    expected = tiny_policy.normalizer.unnormalize_key("action", x.clamp(-1, 1))
-    torch.testing.assert_close(got["action_pred"], expected, atol=1e-4, rtol=1e-4)
+    # Compared normalized: float32 round-off differs (the policy computes every step's FiLM in
+    # one batched product, the chain per step), and the noisiest step divides it by
+    # sqrt(alpha_bar), about 1/100; a wrong step would be off by 1e-2 or more.
+    got_normalized = tiny_policy.normalizer.normalize_key("action", got["action_pred"])
+    torch.testing.assert_close(got_normalized, x.clamp(-1, 1), atol=5e-4, rtol=0)
