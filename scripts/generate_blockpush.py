@@ -31,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--n-episodes", type=int, default=1000, help="successful episodes")
     parser.add_argument("--seed", type=int, default=0, help="first episode seed")
+    parser.add_argument(
+        "--exec-noise",
+        type=float,
+        default=0.0,
+        help="std (m) of noise on the executed moves; the oracle's own moves are recorded",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.n_episodes < 1:
@@ -38,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     stats = generate_blockpush(
-        args.dest, n_episodes=args.n_episodes, seed=args.seed, progress=not args.no_progress
+        args.dest,
+        n_episodes=args.n_episodes,
+        seed=args.seed,
+        progress=not args.no_progress,
+        exec_noise=args.exec_noise,
     )
     print(
         f"wrote {stats['n_episodes']} episodes ({stats['n_steps']} steps) to {args.dest} in "

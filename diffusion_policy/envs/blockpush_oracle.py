@@ -173,21 +173,34 @@ class OracleEpisode:
 
 
 def run_oracle_episode(
-    env: BlockPushEnv, seed: int, max_steps: int = MAX_EPISODE_STEPS
+    env: BlockPushEnv, seed: int, max_steps: int = MAX_EPISODE_STEPS, exec_noise: float = 0.0
 ) -> OracleEpisode:
     """Runs the oracle on the episode ``seed`` (the env's layout and the oracle's draws).
+
+    Args:
+        env: The env to run in.
+        seed: The episode's seed.
+        max_steps: Steps before the episode counts as failed.
+        exec_noise: Std (metres) of Gaussian noise added to each move the env *executes*;
+            the episode records the oracle's own move. The states then stray from the
+            oracle's path and the actions recorded there are its corrections (DART-style
+            demonstrations: a policy learns to recover, not only to follow).
 
     Returns:
         The steps taken until success or ``max_steps``.
     """
     obs, _ = env.reset(seed=seed)
     oracle = BlockPushOracle(np.random.default_rng([seed, 1]))
+    exec_rng = np.random.default_rng([seed, 2])
     observations, actions = [], []
     success = False
     for _ in range(max_steps):
         action = oracle.act(obs)
         observations.append(obs)
         actions.append(action)
+        if exec_noise > 0:
+            noise = exec_rng.normal(0.0, exec_noise, 2)
+            action = np.clip(action + noise, -MAX_MOVE, MAX_MOVE).astype(np.float32)
         obs, _, terminated, _, info = env.step(action)
         if terminated:
             success = bool(info["is_success"])
@@ -200,6 +213,7 @@ def generate_blockpush(
     n_episodes: int = 1000,
     seed: int = 0,
     progress: bool = True,
+    exec_noise: float = 0.0,
 ) -> dict[str, float]:
     """Writes ``n_episodes`` successful oracle episodes to a zarr store (atomically).
 
@@ -210,18 +224,23 @@ def generate_blockpush(
     repeated per step (the replay buffer holds per-step arrays only): ``data/first_block`` and
     ``data/zone_of_block0`` (T,) int8.
 
+    ``exec_noise`` perturbs the executed moves, not the recorded ones (see
+    :func:`run_oracle_episode`).
+
     Returns:
         ``{"n_episodes", "n_tried", "oracle_success_rate", "seconds", "n_steps"}``.
     """
     if n_episodes < 1:
         raise ValueError(f"n_episodes={n_episodes} must be >= 1")
+    if exec_noise < 0:
+        raise ValueError(f"exec_noise={exec_noise} must be >= 0")
     env = BlockPushEnv()
     buffer = ReplayBuffer.create_empty()
     tried = 0
     tic = time.perf_counter()
     with tqdm(total=n_episodes, desc="blockpush oracle", unit="ep", disable=not progress) as bar:
         while buffer.n_episodes < n_episodes:
-            ep = run_oracle_episode(env, seed + tried)
+            ep = run_oracle_episode(env, seed + tried, exec_noise=exec_noise)
             tried += 1
             if not ep.success:
                 continue
