@@ -44,9 +44,7 @@ def test_exec_noise_perturbs_the_executed_moves_not_the_recorded_ones(env):
     # strays from the recorded (the oracle's own) moves, and the episode still succeeds.
     target = slice(8, 10)
     clean = run_oracle_episode(env, 1000)
-    np.testing.assert_allclose(
-        np.diff(clean.obs[:, target], axis=0), clean.action[:-1], atol=1e-5
-    )
+    np.testing.assert_allclose(np.diff(clean.obs[:, target], axis=0), clean.action[:-1], atol=1e-5)
     noisy = run_oracle_episode(env, 1000, exec_noise=0.01)
     strays = np.abs(np.diff(noisy.obs[:, target], axis=0) - noisy.action[:-1]).max(axis=1)
     assert noisy.success and np.median(strays) > 0.003
