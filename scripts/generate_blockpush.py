@@ -1,6 +1,6 @@
 """Generates the BlockPush demonstrations with the scripted oracle (successful episodes only).
 
-Usage: python scripts/generate_blockpush.py [--n-episodes 1000] [--seed 0]
+Usage: python scripts/generate_blockpush.py [--n-episodes 1000] [--seed 0] [--exec-noise 0]
        [--dest data/blockpush/blockpush_oracle.zarr]
 
 Prints the oracle's success rate over the seeds tried, the time taken and the demos' mode
@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.n_episodes < 1:
         print(f"error: --n-episodes={args.n_episodes} must be >= 1", file=sys.stderr)
+        return 2
+    if args.exec_noise < 0:
+        print(f"error: --exec-noise={args.exec_noise} must be >= 0", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     stats = generate_blockpush(

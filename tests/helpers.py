@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
@@ -10,6 +12,15 @@ from omegaconf import DictConfig
 import diffusion_policy.training  # noqa: F401 -- registers trainer/schema before any compose
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+SCRIPTS_DIR = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str) -> ModuleType:
+    """Imports ``scripts/<name>.py`` (not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", SCRIPTS_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def debug_cfg(zarr: Path, *overrides: str, experiment: str = "pusht_lowdim") -> DictConfig:

@@ -1,13 +1,11 @@
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "aggregate.py"
-spec = importlib.util.spec_from_file_location("aggregate", SCRIPT)
-aggregate = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(aggregate)
+from tests.helpers import load_script
+
+aggregate = load_script("aggregate")
 
 
 def _fake_run(folder: Path, seed: int, scores: list[float]) -> None:

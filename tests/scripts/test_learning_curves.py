@@ -1,11 +1,9 @@
-import importlib.util
 import json
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "learning_curves.py"
-spec = importlib.util.spec_from_file_location("learning_curves", SCRIPT)
-learning_curves = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(learning_curves)
+from tests.helpers import load_script
+
+learning_curves = load_script("learning_curves")
 
 
 def _fake_run(folder: Path, points: list[tuple[float, float]]) -> None:

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
+from tests.helpers import load_script
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted((REPO / "scripts").glob("*.py"))
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
@@ -28,10 +22,10 @@ def test_scripts_do_not_edit_sys_path(script):
 def test_pasted_checkpoint_with_equals_is_quoted_for_hydra():
     path = "outputs/run/checkpoints/epoch=0049-test_mean_score=0.691.ckpt"
     args = [f"checkpoint={path}", "runner.n_test=2", "checkpoint_x=a=b"]
-    quoted = _load("eval").quote_checkpoint_override(args)
+    quoted = load_script("eval").quote_checkpoint_override(args)
     assert quoted == [f'checkpoint="{path}"', "runner.n_test=2", "checkpoint_x=a=b"]
     already = [f"checkpoint='{path}'", "checkpoint=plain/latest.ckpt"]
-    assert _load("eval").quote_checkpoint_override(already) == already
+    assert load_script("eval").quote_checkpoint_override(already) == already
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         assert compose(config_name="eval", overrides=quoted[:1]).checkpoint == path
         with pytest.raises(Exception, match="mismatched input '='"):
@@ -48,7 +42,7 @@ def test_topk_checkpoint_names_need_no_quoting(tmp_path):
 
 
 def test_results_are_written_with_file_permissions(tmp_path):
-    aggregate = _load("aggregate")
+    aggregate = load_script("aggregate")
     run = tmp_path / "run"
     run.mkdir()
     (run / "logs.jsonl").write_text('{"step": 1, "epoch": 0, "test/mean_score": 0.5}\n')
