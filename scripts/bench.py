@@ -14,9 +14,10 @@ min / median over ``--repeats`` runs after a warm-up run. Figures:
 - ``loader``: samples/s of the training ``DataLoader`` (shuffled windows, batches built by the
   datasets' ``__getitems__``), as in training.
 - ``latency``: ``predict_action`` on one observation (batch 1) per sampler setting, and the CPU
-  recipe's model (``pusht_lowdim_cpu``: UNet [32, 64, 128]) with its own sampler, eager and
-  compiled as ``serve.py`` deploys it, and at the thread count ``threads=auto`` chooses when
-  that is not the bench's.
+  recipe's model (``pusht_lowdim_cpu``: UNet [32, 64, 128]) with its own sampler, eager,
+  exported as one ONNX graph run by ONNX Runtime (``export.py onnx=true``), and compiled as
+  ``serve.py`` deploys it, at the thread count ``threads=auto`` chooses when that is not the
+  bench's.
 - ``rollout``: steps/s of one keypoint env, and the wall time of a 50-episode keypoint
   evaluation (test seeds, DDIM 16 steps; untrained weights, so every episode runs its 300 steps).
 - ``blockpush``: steps/s of one BlockPush env (pybullet, the scripted oracle's actions), and the
@@ -58,6 +59,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion_policy.denoisers.temporal_conv import set_conv_path
+from diffusion_policy.deploy.onnx_policy import OnnxPolicy, export_onnx
 from diffusion_policy.deploy.warmup import choose_inference_threads, compile_for_inference
 from diffusion_policy.training.builders import build_policy
 from diffusion_policy.training.ema import EMA
@@ -243,6 +245,12 @@ def bench_recipe_latency(overrides: list[str], repeats: int) -> dict[str, Any]:
     name = cfg.noise_scheduler._target_.split(".")[-1].removesuffix("Scheduler").lower()
     setting = f"{name}_{policy.num_inference_steps}"
     out = {setting: summary(timed(lambda: policy.predict_action(obs), repeats, warmup=2))}
+    with tempfile.TemporaryDirectory() as tmp:  # as `scripts/export.py onnx=true` writes it
+        graph = OnnxPolicy(export_onnx(policy, Path(tmp) / "policy.onnx"))
+    best = choose_inference_threads(graph)  # serve.py's threads=auto
+    out[f"{setting}_onnx_{best}threads"] = summary(
+        timed(lambda: graph.predict_action(obs), repeats, warmup=2)
+    )
     seconds = compile_for_inference(policy)  # as `scripts/serve.py compile=true` deploys it
     print(f"compiled the CPU recipe's sampling loop in {seconds:.0f} s", flush=True)
     out[f"{setting}_compiled"] = summary(timed(lambda: policy.predict_action(obs), repeats))
@@ -256,12 +264,16 @@ def bench_recipe_latency(overrides: list[str], repeats: int) -> dict[str, Any]:
 
 
 def setting_label(setting: str) -> str:
-    """``dpmsolver_4_compiled_1threads`` -> ``dpmsolver 4 steps, compiled, 1 threads (auto)``."""
+    """``dpmsolver_4_compiled_1threads`` -> ``dpmsolver 4 steps, compiled, 1 threads (auto)``;
+    ``onnx``: ONNX Runtime."""
     name, steps, *rest = setting.split("_")
     label = f"{name} {steps} steps"
     for part in rest:
         threads = part.removesuffix("threads")
-        label += f", {threads} threads (auto)" if threads != part else ", compiled"
+        if threads != part:
+            label += f", {threads} threads (auto)"
+        else:
+            label += ", ONNX Runtime" if part == "onnx" else f", {part}"
     return label
 
 

@@ -108,12 +108,12 @@ def policy_config(policy: DiffusionPolicy, cfg: Mapping[str, Any]) -> dict[str, 
             "n_action_steps": policy.n_action_steps,
             "num_inference_steps": policy.num_inference_steps,
         },
-        "shape_meta": _to_plain(policy.shape_meta),
+        "shape_meta": plain_values(policy.shape_meta),
         "encoder": _spec(cfg["encoder"], "encoder", ENCODERS),
         "denoiser": _spec(cfg["denoiser"], "denoiser", DENOISERS),
         "noise_scheduler": {
             "class": type(scheduler).__name__,
-            "config": json.loads(json.dumps(_to_plain(scheduler_config))),
+            "config": json.loads(json.dumps(plain_values(scheduler_config))),
         },
     }
     _check_plain(config, "config")
@@ -124,7 +124,7 @@ def _spec(node: Mapping[str, Any], where: str, table: dict[str, type]) -> dict[s
     """``{"class", "kwargs"}`` of a Hydra node, its class looked up in ``table``."""
     if isinstance(node, DictConfig):
         node = OmegaConf.to_container(node, resolve=True)
-    node = _to_plain(node)
+    node = plain_values(node)
     target = node.get("_target_")
     name = next((n for n, c in table.items() if f"{c.__module__}.{c.__qualname__}" == target), None)
     if name is None:
@@ -311,12 +311,12 @@ def _check_plain(value: Any, where: str) -> None:
     raise ExportError(f"{where} is a {type(value).__name__}, not a plain JSON value")
 
 
-def _to_plain(value: Any) -> Any:
-    """Mappings and sequences (OmegaConf nodes, tuples) as dicts and lists."""
+def plain_values(value: Any) -> Any:
+    """Mappings and sequences (OmegaConf nodes, tuples) as dicts with str keys and lists."""
     if isinstance(value, Mapping):
-        return {k: _to_plain(v) for k, v in value.items()}
+        return {str(k): plain_values(v) for k, v in value.items()}
     if isinstance(value, list | tuple | ListConfig):
-        return [_to_plain(v) for v in value]
+        return [plain_values(v) for v in value]
     return value
 
 

@@ -33,11 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 import zmq
-from omegaconf import ListConfig
 
 from diffusion_policy.data.keys import ACTION, LOW_DIM, RGB
 from diffusion_policy.deploy import wire
 from diffusion_policy.deploy.controller import ChunkPolicy
+from diffusion_policy.deploy.export import plain_values
 from diffusion_policy.deploy.wire import WireError
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ class PolicyServer:
             return {}
         if method == "info":
             return {
-                "shape_meta": _plain(self.shape_meta),
+                "shape_meta": plain_values(self.shape_meta),
                 "n_obs_steps": self.n_obs_steps,
                 "n_action_steps": int(getattr(self.policy, "n_action_steps", 0)),
                 "horizon": int(getattr(self.policy, "horizon", 0)),
@@ -284,12 +284,3 @@ def _device_of(policy: Any) -> torch.device:
         if param is not None:
             return param.device
     return torch.device("cpu")
-
-
-def _plain(value: Any) -> Any:
-    """Mappings and sequences as dicts and lists (shape_meta may be an OmegaConf node)."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | ListConfig):
-        return [_plain(v) for v in value]
-    return value

@@ -7,6 +7,7 @@ import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch._inductor.config as inductor_config
@@ -18,9 +19,10 @@ from diffusion_policy.utils.timing import alternating
 log = logging.getLogger(__name__)
 
 
-def example_obs(policy: DiffusionPolicy, batch_size: int = 1) -> dict[str, torch.Tensor]:
+def example_obs(policy: Any, batch_size: int = 1) -> dict[str, torch.Tensor]:
     """Zero observations of the policy's shapes: {key: (B, To, ...)}, float32 or uint8 images."""
-    device = next(policy.parameters()).device
+    params = policy.parameters() if isinstance(policy, torch.nn.Module) else iter(())
+    device = next(params, torch.empty(0)).device
     obs = {}
     for key, meta in policy.shape_meta["obs"].items():
         dtype = torch.float32 if meta["type"] == LOW_DIM else torch.uint8
@@ -68,6 +70,7 @@ def fastest_threads(
     candidates: Sequence[int],
     repeats: int = 7,
     clock: Callable[[], float] = time.perf_counter,
+    set_threads: Callable[[int], None] = torch.set_num_threads,
 ) -> tuple[int, dict[int, float]]:
     """Times ``predict`` at each intra-op thread count and keeps the fastest.
 
@@ -82,10 +85,12 @@ def fastest_threads(
         candidates: Thread counts to try, e.g. :func:`thread_candidates`.
         repeats: Timed rounds; the median of each count's times is compared.
         clock: Seconds now (a parameter for tests).
+        set_threads: Sets the count predict runs with (an :class:`~diffusion_policy.deploy.
+            onnx_policy.OnnxPolicy`'s ``set_num_threads`` for ONNX Runtime).
 
     Returns:
-        The fastest count, which ``torch.set_num_threads`` is left at, and the median seconds of
-        each count.
+        The fastest count, which ``set_threads`` is left at, and the median seconds of each
+        count.
 
     Raises:
         ValueError: No candidates, or a count below 1.
@@ -95,7 +100,7 @@ def fastest_threads(
 
     def at(n: int) -> Callable[[], None]:
         def run() -> None:
-            torch.set_num_threads(n)
+            set_threads(n)
             predict()
 
         return run
@@ -103,12 +108,13 @@ def fastest_threads(
     times = alternating({n: at(n) for n in candidates}, repeats, clock)
     medians = {n: statistics.median(ts) for n, ts in times.items()}
     best = min(medians, key=medians.get)
-    torch.set_num_threads(best)
+    set_threads(best)
     return best, medians
 
 
-def choose_inference_threads(policy: DiffusionPolicy, batch_size: int = 1) -> int:
-    """Sets torch's thread count to the one that samples ``batch_size`` fastest here.
+def choose_inference_threads(policy: Any, batch_size: int = 1) -> int:
+    """Sets the thread count that samples ``batch_size`` fastest here: torch's, or an
+    :class:`~diffusion_policy.deploy.onnx_policy.OnnxPolicy`'s.
 
     Call it after :func:`compile_for_inference` (a compile inside the timing would decide the
     choice). Candidates: :func:`thread_candidates` up to the count torch uses now.
@@ -117,13 +123,18 @@ def choose_inference_threads(policy: DiffusionPolicy, batch_size: int = 1) -> in
         The thread count chosen.
     """
     obs = example_obs(policy, batch_size)
-    best, medians = fastest_threads(lambda: policy.predict_action(obs), thread_candidates())
+    set_threads = getattr(policy, "set_num_threads", torch.set_num_threads)
+    best, medians = fastest_threads(
+        lambda: policy.predict_action(obs), thread_candidates(), set_threads=set_threads
+    )
+    if hasattr(policy, "drop_other_sessions"):
+        policy.drop_other_sessions()
     timings = ", ".join(f"{n}: {1e3 * s:.1f} ms" for n, s in medians.items())
     log.info("sampling threads for batch %d: %d (%s)", batch_size, best, timings)
     return best
 
 
-def set_inference_threads(policy: DiffusionPolicy, setting: int | str) -> int:
+def set_inference_threads(policy: Any, setting: int | str) -> int:
     """Applies a thread setting: ``"auto"`` (:func:`choose_inference_threads` at batch 1) or a
     count.
 
@@ -137,5 +148,5 @@ def set_inference_threads(policy: DiffusionPolicy, setting: int | str) -> int:
         return choose_inference_threads(policy)
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
         raise ValueError(f"threads={setting!r} must be 'auto' or a count >= 1")
-    torch.set_num_threads(setting)
+    getattr(policy, "set_num_threads", torch.set_num_threads)(setting)
     return setting

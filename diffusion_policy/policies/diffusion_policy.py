@@ -243,9 +243,11 @@ class DiffusionPolicy(nn.Module):
         if not hasattr(denoiser, "film_condition"):
             return [None] * len(timesteps)
         S, B = len(timesteps), cond.shape[0]
+        # Expand-and-flatten rather than repeat_interleave, which the ONNX export gets wrong
+        # for a free batch size (onnx_policy.py).
         film = denoiser.film_condition(
-            timesteps.to(cond.device).repeat_interleave(B),  # (S * B,)
-            cond.repeat(S, *[1] * (cond.dim() - 1)),  # (S * B, To, F)
+            timesteps.to(cond.device).view(S, 1).expand(S, B).reshape(S * B),  # (S * B,)
+            cond.expand(S, *cond.shape).reshape(S * B, *cond.shape[1:]),  # (S * B, To, F)
         )
         return list(film.view(S, B, -1).unbind(0))  # S x (B, film_dim)
 

@@ -37,6 +37,7 @@ def test_bench_quick_reports_every_figure(pusht_zarr_path, tmp_path):
         assert rollout["episodes"] == 2 and rollout["s"] > 0 and rollout["env_steps_per_s"] > 0
     assert 0 < figures["image"]["peak_rss_gib"] < 24
     recipe = figures["cpu_recipe"]["latency"]
-    assert len(recipe) == 2 and all(s["min"] > 0 for s in recipe.values())
+    assert len(recipe) == 3 and all(s["min"] > 0 for s in recipe.values())
     assert any(setting.endswith("_compiled") for setting in recipe)
+    assert any("_onnx_" in setting for setting in recipe)
     assert "| keypoint train step, batch 32" in proc.stdout

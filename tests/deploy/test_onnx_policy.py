@@ -1,0 +1,140 @@
+"""The ONNX graph of a policy's sampling gives the policy's actions; other files are refused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+from diffusion_policy.deploy.client import PolicyClient
+from diffusion_policy.deploy.onnx_policy import (
+    METADATA_KEY,
+    OnnxExportError,
+    OnnxPolicy,
+    export_onnx,
+)
+from diffusion_policy.deploy.warmup import set_inference_threads
+from tests.deploy.fakes import serving, tiny_policy, write_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _obs(batch: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(batch)
+    return {
+        "keypoint": torch.rand(batch, 2, 18, generator=g) * 512,
+        "agent_pos": torch.rand(batch, 2, 2, generator=g) * 512,
+    }
+
+
+def _ddim_policy():
+    policy = tiny_policy()
+    policy.set_sampler(DDIMScheduler.from_config(policy.noise_scheduler.config), 4)
+    return policy
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[object, Path]:
+    policy = _ddim_policy()
+    return policy, export_onnx(policy, tmp_path_factory.mktemp("onnx") / "policy.onnx")
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_the_graph_samples_the_policys_actions_for_the_same_noise(exported, batch):
+    policy, path = exported
+    onnx_policy = OnnxPolicy(path)
+    assert (onnx_policy.n_obs_steps, onnx_policy.n_action_steps, onnx_policy.horizon) == (
+        policy.n_obs_steps,
+        policy.n_action_steps,
+        policy.horizon,
+    )
+    obs = _obs(batch)
+    mine = onnx_policy.predict_action(obs, generator=torch.Generator().manual_seed(3))
+    theirs = policy.predict_action(obs, generator=torch.Generator().manual_seed(3))
+    assert mine["action"].shape == theirs["action"].shape == (batch, policy.n_action_steps, 2)
+    # Actions span 0..512 px; a wrong step or a wrong input would be off by pixels.
+    assert torch.allclose(mine["action_pred"], theirs["action_pred"], atol=2e-3)
+    other = onnx_policy.predict_action(obs, generator=torch.Generator().manual_seed(4))
+    assert not torch.allclose(other["action"], mine["action"])  # the noise is an input
+
+
+def test_a_multistep_solver_exports_too(tmp_path):
+    policy = tiny_policy()
+    config = {**policy.noise_scheduler.config, "thresholding": True, "sample_max_value": 1.0}
+    config.pop("clip_sample", None)
+    policy.set_sampler(DPMSolverMultistepScheduler.from_config(config), 3)
+    path = export_onnx(policy, tmp_path / "dpm.onnx")  # its own check compares the actions
+    assert OnnxPolicy(path).sampler == "DPMSolverMultistepScheduler"
+
+
+def test_a_sampler_that_draws_noise_is_refused(tmp_path):
+    with pytest.raises(OnnxExportError, match="DDPMScheduler .* not a deterministic sampler"):
+        export_onnx(tiny_policy(), tmp_path / "ddpm.onnx")
+    assert not (tmp_path / "ddpm.onnx").exists()
+
+
+def test_a_graph_without_our_metadata_or_not_onnx_is_refused(exported, tmp_path):
+    _, path = exported
+    model = onnx.load(path)
+    kept = [p for p in model.metadata_props if p.key != METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.save(model, tmp_path / "stripped.onnx")
+    with pytest.raises(OnnxExportError, match="no 'diffusion_policy' metadata"):
+        OnnxPolicy(tmp_path / "stripped.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(OnnxExportError, match="junk.onnx: ONNX Runtime cannot load it"):
+        OnnxPolicy(tmp_path / "junk.onnx")
+
+
+def test_tampered_metadata_is_refused(exported, tmp_path):
+    _, path = exported
+    model = onnx.load(path)
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            prop.value = prop.value.replace('"horizon": ', '"horizon": -')
+    onnx.save(model, tmp_path / "tampered.onnx")
+    with pytest.raises(OnnxExportError, match="horizon=-"):
+        OnnxPolicy(tmp_path / "tampered.onnx")
+
+
+def test_threads_are_chosen_by_timing_and_one_session_is_kept(exported):
+    _, path = exported
+    onnx_policy = OnnxPolicy(path)
+    chosen = set_inference_threads(onnx_policy, "auto")
+    assert chosen == onnx_policy.threads >= 1
+    assert list(onnx_policy._sessions) == [chosen]
+    with pytest.raises(ValueError, match="threads=0"):
+        onnx_policy.set_num_threads(0)
+
+
+def test_the_server_serves_the_graph(exported):
+    _, path = exported
+    onnx_policy = OnnxPolicy(path)
+    obs = _obs(2)
+    with serving(onnx_policy) as (_, address), PolicyClient(address, timeout_s=5) as client:
+        served = client.predict_action(obs, generator=torch.Generator().manual_seed(1))
+        local = onnx_policy.predict_action(obs, generator=torch.Generator().manual_seed(1))
+        assert torch.allclose(torch.as_tensor(served["action"]), local["action"])
+
+
+@pytest.mark.slow  # a subprocess that exports: ~40 s on a busy machine
+def test_export_script_writes_the_graph_beside_the_folder(tmp_path):
+    write_checkpoint(tmp_path / "tiny.ckpt", tiny_policy())
+    out = tmp_path / "export"
+    cmd = [
+        sys.executable,
+        "scripts/export.py",
+        f"checkpoint={tmp_path / 'tiny.ckpt'}",
+        f"out={out}",
+        "onnx=true",
+        "noise_scheduler=ddim",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert OnnxPolicy(out / "policy.onnx").sampler == "DDIMScheduler"
