@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from diffusion_policy.deploy.export import ExportError, export_policy, load_exported
+from diffusion_policy.deploy.onnx_policy import OnnxPolicy
 from diffusion_policy.training.builders import load_policy
 from tests.deploy.fakes import tiny_policy, write_checkpoint
 
@@ -45,8 +46,8 @@ def test_export_then_load_gives_identical_actions(exported):
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
-@pytest.mark.slow  # a subprocess: ~20 s of imports on a busy machine
-def test_export_script_writes_the_ema_weights(tmp_path):
+@pytest.mark.slow  # a subprocess: ~25 s of imports and an ONNX export on a busy machine
+def test_export_script_writes_the_ema_weights_and_the_graph(tmp_path):
     write_checkpoint(tmp_path / "tiny.ckpt", tiny_policy())
     out = tmp_path / "export"
     cmd = [
@@ -54,11 +55,18 @@ def test_export_script_writes_the_ema_weights(tmp_path):
         "scripts/export.py",
         f"checkpoint={tmp_path / 'tiny.ckpt'}",
         f"out={out}",
+        "onnx=true",
+        "noise_scheduler=ddim",  # the checkpoint's DDPM draws noise: no graph
     ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ema, _ = load_policy(tmp_path / "tiny.ckpt", use_ema=True)
-    assert torch.equal(_actions(load_exported(out)), _actions(ema))
+    loaded = load_exported(out)
+    for key, value in ema.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    graph = OnnxPolicy(out / "policy.onnx")
+    assert graph.sampler == type(loaded.noise_scheduler).__name__ == "DDIMScheduler"
+    assert torch.allclose(_actions(graph), _actions(loaded), atol=2e-3)
 
 
 def _tamper(folder: Path, edit) -> None:
