@@ -365,10 +365,15 @@ class DiffusionPolicy(nn.Module):
             x = (self._compiled_sample or self.sample_with_plan)(x, cond)  # (B, T, Da)
         else:
             x = self._sample_with_scheduler(x, cond, generator)
+        return self.actions_from_sample(x)
+
+    def actions_from_sample(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The denoised sample (B, T, Da), clipped and un-normalized: ``"action"``, the executed
+        chunk (B, n_action_steps, Da) from the last observed step, and ``"action_pred"``, the
+        whole horizon (B, T, Da)."""
         clip = self.clip_range()
         if clip is not None:
             x = x.clamp(-clip, clip)
-
         action_pred = self.normalizer.unnormalize_key(ACTION, x)  # (B, T, Da)
         start = self.n_obs_steps - 1
         return {
