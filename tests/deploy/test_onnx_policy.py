@@ -12,6 +12,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from diffusion_policy.deploy.client import PolicyClient
 from diffusion_policy.deploy.onnx_policy import (
     METADATA_KEY,
+    Conv1dAs2d,
     OnnxExportError,
     OnnxPolicy,
     export_onnx,
@@ -57,6 +58,19 @@ def test_the_graph_samples_the_policys_actions_for_the_same_noise(exported, batc
     assert torch.allclose(mine["action_pred"], theirs["action_pred"], atol=2e-3)
     other = onnx_policy.predict_action(obs, generator=torch.Generator().manual_seed(4))
     assert not torch.allclose(other["action"], mine["action"])  # the noise is an input
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        torch.nn.Conv1d(4, 6, kernel_size=5, padding=2),
+        torch.nn.Conv1d(4, 6, kernel_size=3, stride=2, padding=1, bias=False),
+        torch.nn.ConvTranspose1d(4, 6, kernel_size=4, stride=2, padding=1),
+    ],
+)
+def test_a_1d_convolution_written_as_2d_gives_the_same_output(conv):
+    x = torch.randn(3, 4, 16)
+    assert torch.allclose(Conv1dAs2d(conv)(x), conv(x), atol=1e-6)
 
 
 def test_a_multistep_solver_exports_too(tmp_path):
