@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import hydra
 from omegaconf import DictConfig
@@ -23,6 +23,9 @@ from diffusion_policy.deploy.server import PolicyServer, check_bind
 from diffusion_policy.deploy.warmup import compile_for_inference, set_inference_threads
 from diffusion_policy.policies.diffusion_policy import DiffusionPolicy
 from diffusion_policy.training.builders import load_policy, resolve_device
+
+if TYPE_CHECKING:
+    from diffusion_policy.deploy.onnx_policy import OnnxPolicy
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="serve")
@@ -63,9 +66,9 @@ def torch_policy(cfg: DictConfig) -> DiffusionPolicy:
     return policy
 
 
-def onnx_policy(cfg: DictConfig) -> Any:
+def onnx_policy(cfg: DictConfig) -> OnnxPolicy:
     """A graph from ``scripts/export.py onnx=true``: its sampler and precision are fixed."""
-    from diffusion_policy.deploy.onnx_policy import OnnxPolicy  # the `onnx` extra
+    from diffusion_policy.deploy.onnx_policy import OnnxPolicy  # noqa: F811 (the `onnx` extra)
 
     for key, unset in (("num_inference_steps", None), ("compile", False)):
         if cfg[key] != unset:
