@@ -250,6 +250,10 @@ class OnnxPolicy:
         if missing:
             raise KeyError(f"observation keys {missing} missing (the policy reads {self.keys})")
         feeds = {k: _array(obs[k][:, : self.n_obs_steps], self._dtypes[k]) for k in self.keys}
+        for key, value in feeds.items():
+            want = (self.n_obs_steps, *self.shape_meta["obs"][key]["shape"])
+            if tuple(value.shape[1:]) != want:
+                raise ValueError(f"observation {key!r}: (B, {want}) expected, got {value.shape}")
         B = next(iter(feeds.values())).shape[0]
         noise = torch.randn((B, self.horizon, self.action_dim), generator=generator)
         feeds[NOISE] = noise.numpy()

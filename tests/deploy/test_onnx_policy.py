@@ -58,6 +58,8 @@ def test_the_graph_samples_the_policys_actions_for_the_same_noise(exported, batc
     assert torch.allclose(mine["action_pred"], theirs["action_pred"], atol=2e-3)
     other = onnx_policy.predict_action(obs, generator=torch.Generator().manual_seed(4))
     assert not torch.allclose(other["action"], mine["action"])  # the noise is an input
+    with pytest.raises(ValueError, match=r"observation 'keypoint': \(B, \(2, 18\)\) expected"):
+        onnx_policy.predict_action({**obs, "keypoint": obs["keypoint"][:, :1]})
 
 
 @pytest.mark.parametrize(
