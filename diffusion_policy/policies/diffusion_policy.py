@@ -243,8 +243,8 @@ class DiffusionPolicy(nn.Module):
         if not hasattr(denoiser, "film_condition"):
             return [None] * len(timesteps)
         S, B = len(timesteps), cond.shape[0]
-        # Expand-and-flatten rather than repeat_interleave, which the ONNX export gets wrong
-        # for a free batch size (onnx_policy.py).
+        # Expand-and-flatten rather than repeat_interleave, which the torch.export-based ONNX
+        # exporter lowered wrongly for a free batch size (see deploy/onnx_policy.py).
         film = denoiser.film_condition(
             timesteps.to(cond.device).view(S, 1).expand(S, B).reshape(S * B),  # (S * B,)
             cond.expand(S, *cond.shape).reshape(S * B, *cond.shape[1:]),  # (S * B, To, F)
