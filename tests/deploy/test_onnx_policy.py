@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
+from diffusion_policy.data.keys import RGB
 from diffusion_policy.deploy.client import PolicyClient
 from diffusion_policy.deploy.onnx_policy import (
     METADATA_KEY,
@@ -88,6 +89,16 @@ def test_a_sampler_that_draws_noise_is_refused(tmp_path):
     with pytest.raises(OnnxExportError, match="DDPMScheduler .* not a deterministic sampler"):
         export_onnx(tiny_policy(), tmp_path / "ddpm.onnx")
     assert not (tmp_path / "ddpm.onnx").exists()
+
+
+def test_an_image_policy_is_refused_with_the_camera_named(tmp_path):
+    policy = _ddim_policy()
+    policy.shape_meta = {
+        **policy.shape_meta,
+        "obs": {**policy.shape_meta["obs"], "image": {"shape": [32, 32, 3], "type": RGB}},
+    }
+    with pytest.raises(OnnxExportError, match=r"image observations \['image'\]"):
+        export_onnx(policy, tmp_path / "image.onnx")
 
 
 def test_a_graph_without_our_metadata_or_not_onnx_is_refused(exported, tmp_path):
