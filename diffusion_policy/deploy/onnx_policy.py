@@ -80,7 +80,7 @@ def export_onnx(policy: DiffusionPolicy, path: str | Path, check: bool = True) -
     (:func:`with_2d_convolutions`). The file is written atomically.
 
     Args:
-        policy: A low-dim policy; its sampler must be deterministic (no DDPM).
+        policy: The policy; its sampler must be deterministic (no DDPM).
         path: The ``.onnx`` file to write.
         check: Run the written graph with ONNX Runtime and compare its actions with the
             policy's on random observations (:data:`CHECK_ATOL`).
@@ -89,21 +89,14 @@ def export_onnx(policy: DiffusionPolicy, path: str | Path, check: bool = True) -
         The path.
 
     Raises:
-        OnnxExportError: The policy reads images, the sampler draws noise or has no plan, or
-            the check failed (then nothing is written).
+        OnnxExportError: The sampler draws noise or has no plan, or the check failed (then
+            nothing is written).
     """
     if policy.sampler_plan() is None:
         raise OnnxExportError(
             f"{type(policy.noise_scheduler).__name__} with {policy.num_inference_steps} steps "
             f"is not a deterministic sampler; export with DDIM, DPM-Solver++ or UniPC "
             f"(noise_scheduler=... num_inference_steps=...)"
-        )
-    cameras = [k for k, m in policy.shape_meta["obs"].items() if m["type"] == RGB]
-    if cameras:
-        # Seen: the ResNet keypoint encoder's graph gives NaN in ONNX Runtime (not traced yet).
-        raise OnnxExportError(
-            f"image observations {cameras}: only low-dim policies export to ONNX so far; serve "
-            f"an image policy with torch (scripts/serve.py checkpoint=... compile=true)"
         )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -220,6 +213,11 @@ class OnnxPolicy:
         inputs = [i.name for i in self.session.get_inputs()]
         if inputs != [NOISE, *self.keys]:
             raise OnnxExportError(f"{path}: inputs {inputs} are not {[NOISE, *self.keys]}")
+        # uint8 images stay uint8, as the policy's encoder takes them.
+        self._dtypes = {
+            i.name: np.uint8 if i.type == "tensor(uint8)" else np.float32
+            for i in self.session.get_inputs()
+        }
 
     def set_num_threads(self, threads: int) -> None:
         """Samples with ``threads`` intra-op threads from now on (a session per count, kept
@@ -251,7 +249,7 @@ class OnnxPolicy:
         missing = [k for k in self.keys if k not in obs]
         if missing:
             raise KeyError(f"observation keys {missing} missing (the policy reads {self.keys})")
-        feeds = {k: _array(obs[k][:, : self.n_obs_steps]) for k in self.keys}
+        feeds = {k: _array(obs[k][:, : self.n_obs_steps], self._dtypes[k]) for k in self.keys}
         for key, value in feeds.items():
             want = (self.n_obs_steps, *self.shape_meta["obs"][key]["shape"])
             if tuple(value.shape[1:]) != want:
@@ -338,11 +336,15 @@ def _normalized(policy: DiffusionPolicy, out: Mapping[str, torch.Tensor]) -> tor
 
 
 def _example_obs(policy: DiffusionPolicy, batch: int) -> dict[str, torch.Tensor]:
-    """Random low-dim observations in the normalizer's range."""
+    """Random observations in the normalizer's range; images uint8."""
     g = torch.Generator().manual_seed(batch)
     obs = {}
     for key, meta in policy.shape_meta["obs"].items():
-        x = torch.rand((batch, policy.n_obs_steps, *meta["shape"]), generator=g)
+        shape = (batch, policy.n_obs_steps, *meta["shape"])
+        if meta["type"] == RGB:
+            obs[key] = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+            continue
+        x = torch.rand(shape, generator=g)
         if key in policy.normalizer.dims:
             flat = policy.normalizer.unnormalize_key(key, x.flatten(2) * 2 - 1)
             x = flat.view_as(x)
@@ -355,7 +357,7 @@ def _noise(policy: DiffusionPolicy, batch: int, seed: int) -> torch.Tensor:
     return torch.randn((batch, policy.horizon, policy.action_dim), generator=g)
 
 
-def _array(value: torch.Tensor | np.ndarray) -> np.ndarray:
+def _array(value: torch.Tensor | np.ndarray, dtype: type) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
-    return np.ascontiguousarray(value, dtype=np.float32)
+    return np.ascontiguousarray(value, dtype=dtype)

@@ -114,11 +114,16 @@ class SpatialSoftmax(nn.Module):
         maps = self.keypoint_conv(x)  # (N, K, h, w)
         n, k, h, w = maps.shape
         attn = torch.softmax(maps.flatten(2).float() / self.temperature, dim=-1)  # (N, K, h*w)
-        ys = torch.linspace(-1.0, 1.0, h, device=x.device)
-        xs = torch.linspace(-1.0, 1.0, w, device=x.device)
+        ys, xs = _unit_grid(h, x.device), _unit_grid(w, x.device)
         grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # (h, w, 2) as (x, y)
         keypoints = attn @ grid.reshape(h * w, 2)  # (N, K, 2)
         return keypoints.reshape(n, 2 * k).to(x.dtype)
+
+
+def _unit_grid(n: int, device: torch.device) -> torch.Tensor:
+    """``torch.linspace(-1, 1, n)`` (n = 1: [-1]), written so that an ONNX export of a 1-pixel
+    map does not divide by n - 1 = 0."""
+    return torch.arange(n, device=device, dtype=torch.float32) * (2.0 / max(n - 1, 1)) - 1.0
 
 
 class ResNetKeypointEncoder(nn.Module):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import onnx
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from omegaconf import OmegaConf
 
 from diffusion_policy.data.keys import RGB
 from diffusion_policy.deploy.client import PolicyClient
@@ -19,7 +21,10 @@ from diffusion_policy.deploy.onnx_policy import (
     export_onnx,
 )
 from diffusion_policy.deploy.warmup import set_inference_threads
-from tests.deploy.fakes import serving, tiny_policy
+from diffusion_policy.training.builders import build_policy
+from tests.deploy.fakes import PUSHT_SHAPE_META, TINY_CFG, serving, tiny_policy
+
+KEY_DIMS = {"keypoint": 18, "agent_pos": 2, "action": 2}
 
 
 def _obs(batch: int) -> dict[str, torch.Tensor]:
@@ -91,14 +96,33 @@ def test_a_sampler_that_draws_noise_is_refused(tmp_path):
     assert not (tmp_path / "ddpm.onnx").exists()
 
 
-def test_an_image_policy_is_refused_with_the_camera_named(tmp_path):
-    policy = _ddim_policy()
-    policy.shape_meta = {
-        **policy.shape_meta,
-        "obs": {**policy.shape_meta["obs"], "image": {"shape": [32, 32, 3], "type": RGB}},
+def test_an_image_policy_exports_with_uint8_images(tmp_path):
+    cfg = copy.deepcopy(TINY_CFG)
+    cfg["encoder"] = {
+        "_target_": "diffusion_policy.encoders.multimodal.ObsEncoder",
+        "backbone": {
+            "_target_": "diffusion_policy.encoders.resnet.ResNetKeypointEncoder",
+            "_partial_": True,
+            "width": 8,
+            "group_size": 4,
+            "num_keypoints": 4,
+            "feature_dim": 6,
+        },
+        "crop_size": [28, 28],  # a 1 x 1 map at the spatial softmax: its grid is one point
     }
-    with pytest.raises(OnnxExportError, match=r"image observations \['image'\]"):
-        export_onnx(policy, tmp_path / "image.onnx")
+    meta = {
+        "obs": {"image": {"shape": [32, 32, 3], "type": RGB}, **PUSHT_SHAPE_META["obs"]},
+        "action": {"shape": [2]},
+    }
+    policy = build_policy(OmegaConf.create(cfg), meta)
+    g = torch.Generator().manual_seed(0)
+    policy.normalizer.fit({k: torch.rand(64, d, generator=g) * 512 for k, d in KEY_DIMS.items()})
+    policy.eval().set_sampler(DDIMScheduler.from_config(policy.noise_scheduler.config), 4)
+    graph = OnnxPolicy(export_onnx(policy, tmp_path / "image.onnx"))  # checked at export
+    obs = {**_obs(2), "image": torch.randint(0, 256, (2, 2, 32, 32, 3), dtype=torch.uint8)}
+    mine = graph.predict_action(obs, generator=torch.Generator().manual_seed(3))["action"]
+    theirs = policy.predict_action(obs, generator=torch.Generator().manual_seed(3))["action"]
+    assert torch.isfinite(mine).all() and torch.allclose(mine, theirs, atol=2e-3)
 
 
 def test_a_graph_without_our_metadata_or_not_onnx_is_refused(exported, tmp_path):
