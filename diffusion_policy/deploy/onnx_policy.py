@@ -102,7 +102,8 @@ def export_onnx(policy: DiffusionPolicy, path: str | Path, check: bool = True) -
     path.parent.mkdir(parents=True, exist_ok=True)
     policy = policy.eval()
     graph = SamplingGraph(with_2d_convolutions(policy))
-    example = (_noise(policy, 2, seed=0), *_example_obs(policy, 2).values())
+    noise = torch.randn(2, policy.horizon, policy.action_dim)  # (B, T, Da): shapes only
+    example = (noise, *_example_obs(policy, 2).values())
     names = [NOISE, *graph.keys]
     free_batch = {name: {0: "batch"} for name in (*names, ACTION, ACTION_PRED)}
     buffer = io.BytesIO()
@@ -350,11 +351,6 @@ def _example_obs(policy: DiffusionPolicy, batch: int) -> dict[str, torch.Tensor]
             x = flat.view_as(x)
         obs[key] = x
     return obs
-
-
-def _noise(policy: DiffusionPolicy, batch: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn((batch, policy.horizon, policy.action_dim), generator=g)
 
 
 def _array(value: torch.Tensor | np.ndarray, dtype: type) -> np.ndarray:
