@@ -29,7 +29,8 @@ min / median over ``--repeats`` runs after a warm-up run. Figures:
   reference is this policy with plain ``nn.Conv1d`` convolutions, the diffusers sampling loop,
   per-tensor AdamW and fp32 (it ran within 3% of the original code); ours is the defaults. Both
   are timed in this process, alternating, at the paper keypoint config (training step;
-  ``predict_action`` batch 1, DDIM 16) and the CPU recipe's model (``predict_action`` with its
+  ``predict_action`` batch 1, DDIM 16, in torch and as the ONNX graph ``export.py onnx=true``
+  writes, at the bench's thread count) and the CPU recipe's model (``predict_action`` with its
   own sampler).
 - ``server``: a control tick that plans (``Controller.act``, batch 1) in-process and through
   the policy server over loopback (a server process on 127.0.0.1), p50 / p99, at the CPU
@@ -185,9 +186,9 @@ def as_reference(policy: Any, fn: Any) -> Any:
     return run
 
 
-def ratio_row(times: dict[str, list[float]]) -> dict[str, Any]:
-    ours, ref = summary(times["ours"]), summary(times["reference"])
-    return {"ours_s": ours, "reference_s": ref, "ratio": ours["median"] / ref["median"]}
+def ratio_row(times: dict[str, list[float]], ours: str = "ours") -> dict[str, Any]:
+    mine, ref = summary(times[ours]), summary(times["reference"])
+    return {"ours_s": mine, "reference_s": ref, "ratio": mine["median"] / ref["median"]}
 
 
 def bench_reference(cfg: Any, dataset: Any, recipe_overrides: list[str], repeats: int) -> dict:
@@ -224,7 +225,13 @@ def bench_reference(cfg: Any, dataset: Any, recipe_overrides: list[str], repeats
     obs = dataset.get_batch([0])["obs"]
     predict = {"ours": lambda: policy.predict_action(obs)}
     predict["reference"] = as_reference(policy, predict["ours"])
-    out["predict_ddim_16"] = ratio_row(alternating(predict, repeats))
+    with tempfile.TemporaryDirectory() as tmp:  # as `scripts/export.py onnx=true` writes it
+        graph = OnnxPolicy(export_onnx(policy, Path(tmp) / "policy.onnx"), torch.get_num_threads())
+    predict["onnx"] = lambda: graph.predict_action(obs)
+    times = alternating(predict, repeats)
+    out["predict_ddim_16"] = ratio_row(times)
+    out["predict_ddim_16_onnx"] = ratio_row(times, ours="onnx")
+    del graph
 
     recipe_cfg = compose_cfg("pusht_lowdim_cpu", recipe_overrides)
     recipe_data = instantiate(recipe_cfg.dataset)
@@ -496,6 +503,7 @@ def main() -> None:
         labels = {
             "train_step": "keypoint train step, batch 256",
             "predict_ddim_16": "keypoint predict_action, batch 1, DDIM 16",
+            "predict_ddim_16_onnx": "keypoint predict_action, batch 1, DDIM 16, ONNX Runtime",
             "recipe_predict": "CPU recipe predict_action, batch 1, its own sampler",
         }
         for key, label in labels.items():

@@ -76,8 +76,8 @@ class SamplingGraph(nn.Module):
 def export_onnx(policy: DiffusionPolicy, path: str | Path, check: bool = True) -> Path:
     """Writes the policy's sampling (:class:`SamplingGraph`) to ``path`` as ONNX.
 
-    The batch size stays free. The 1-D convolutions are written as 2-D ones
-    (:func:`with_2d_convolutions`). The file is written atomically.
+    The batch size stays free. The layers ONNX Runtime runs slowly are rewritten first
+    (:func:`for_onnx_runtime`). The file is written atomically.
 
     Args:
         policy: The policy; its sampler must be deterministic (no DDPM).
@@ -101,7 +101,7 @@ def export_onnx(policy: DiffusionPolicy, path: str | Path, check: bool = True) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     policy = policy.eval()
-    graph = SamplingGraph(with_2d_convolutions(policy))
+    graph = SamplingGraph(for_onnx_runtime(policy))
     noise = torch.randn(2, policy.horizon, policy.action_dim)  # (B, T, Da): shapes only
     example = (noise, *_example_obs(policy, 2).values())
     names = [NOISE, *graph.keys]
@@ -171,13 +171,32 @@ class Conv1dAs2d(nn.Module):
         return y.squeeze(2)
 
 
-def with_2d_convolutions(policy: DiffusionPolicy) -> DiffusionPolicy:
-    """A copy of the policy whose 1-D convolutions are :class:`Conv1dAs2d` (same outputs)."""
+class ExpMish(nn.Module):
+    """Mish, ``x * tanh(softplus(x))``, computed as ``x * n / (n + 2)`` with
+    ``n = e^x (e^x + 2)``: the same function (tanh(log u) = (u^2 - 1) / (u^2 + 1), u = 1 + e^x).
+
+    ONNX Runtime's ``Softplus`` is not vectorized, its ``Exp`` is: the paper UNet's DDIM 16-step
+    graph sampled in 279 ms instead of 300 ms (batch 1, two threads, 2-core AVX2 CPU), the CPU
+    recipe's in 4.6 ms instead of 5.3 ms (one thread).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Above 20, n / (n + 2) is 1 in float32; the clamp keeps e^x finite.
+        n = torch.exp(x.clamp(max=20.0))
+        n = n * (n + 2.0)
+        return x * (n / (n + 2.0))
+
+
+def for_onnx_runtime(policy: DiffusionPolicy) -> DiffusionPolicy:
+    """A copy of the policy computing the same function with layers ONNX Runtime runs fast:
+    1-D convolutions as :class:`Conv1dAs2d`, ``nn.Mish`` as :class:`ExpMish`."""
     policy = copy.deepcopy(policy)
     for module in list(policy.modules()):
         for name, child in module.named_children():
             if isinstance(child, nn.Conv1d | nn.ConvTranspose1d):
                 setattr(module, name, Conv1dAs2d(child))
+            elif isinstance(child, nn.Mish):
+                setattr(module, name, ExpMish())
     return policy
 
 
@@ -269,9 +288,9 @@ def _session(path: Path, threads: int) -> Any:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only: not its notes on constant folding
-    # Worker threads sleep between runs instead of spinning: they would take the cores from
-    # what shares the process (the env, the controller) and from a session timed beside.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Worker threads (threads > 1) spin while waiting for work, ONNX Runtime's default: with
+    # them sleeping instead, the paper UNet's DDIM 16-step graph took 296 ms instead of 252 ms
+    # on two threads (batch 1, 2-core AVX2 CPU), waking for every operation.
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own exception types

@@ -16,6 +16,7 @@ from diffusion_policy.deploy.client import PolicyClient
 from diffusion_policy.deploy.onnx_policy import (
     METADATA_KEY,
     Conv1dAs2d,
+    ExpMish,
     OnnxExportError,
     OnnxPolicy,
     export_onnx,
@@ -79,6 +80,14 @@ def test_the_graph_samples_the_policys_actions_for_the_same_noise(exported, batc
 def test_a_1d_convolution_written_as_2d_gives_the_same_output(conv):
     x = torch.randn(3, 4, 16)
     assert torch.allclose(Conv1dAs2d(conv)(x), conv(x), atol=1e-6)
+
+
+def test_mish_as_exp_arithmetic_is_mish_everywhere():
+    x = torch.cat([torch.linspace(-60.0, 60.0, 20001), torch.tensor([-1e30, 1e30])])
+    expected = torch.nn.functional.mish(x.double())
+    got = ExpMish()(x).double()
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_a_multistep_solver_exports_too(tmp_path):

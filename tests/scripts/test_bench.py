@@ -40,4 +40,12 @@ def test_bench_quick_reports_every_figure(pusht_zarr_path, tmp_path):
     assert len(recipe) == 3 and all(s["min"] > 0 for s in recipe.values())
     assert any(setting.endswith("_compiled") for setting in recipe)
     assert any("_onnx_" in setting for setting in recipe)
+    reference = figures["reference"]
+    assert set(reference) == {
+        "train_step",
+        "predict_ddim_16",
+        "predict_ddim_16_onnx",
+        "recipe_predict",
+    }
+    assert all(row["ratio"] > 0 for row in reference.values())
     assert "| keypoint train step, batch 32" in proc.stdout
