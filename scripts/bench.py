@@ -231,7 +231,6 @@ def bench_reference(cfg: Any, dataset: Any, recipe_overrides: list[str], repeats
     times = alternating(predict, repeats)
     out["predict_ddim_16"] = ratio_row(times)
     out["predict_ddim_16_onnx"] = ratio_row(times, ours="onnx")
-    del graph
 
     recipe_cfg = compose_cfg("pusht_lowdim_cpu", recipe_overrides)
     recipe_data = instantiate(recipe_cfg.dataset)
