@@ -59,16 +59,22 @@ class ResNet18(nn.Module):
         width: Channels of the first stage; the stages have width x (1, 2, 4, 8). 64 is
             ResNet-18; smaller values give a cheap network for tests.
         group_size: Channels per GroupNorm group.
+        stages: How many of the 4 residual stages to keep; each halves the feature map, so an
+            84x84 crop ends at 21, 11, 6 or 3 positions a side (a finer map for the keypoints).
     """
 
-    def __init__(self, in_channels: int = 3, width: int = 64, group_size: int = 16) -> None:
+    def __init__(
+        self, in_channels: int = 3, width: int = 64, group_size: int = 16, stages: int = 4
+    ) -> None:
         super().__init__()
         if width < 1 or group_size < 1:
             raise ValueError(f"width={width} and group_size={group_size} must be >= 1")
+        if stages not in (1, 2, 3, 4):
+            raise ValueError(f"stages={stages} must be 1, 2, 3 or 4 (ResNet-18 has 4)")
         self.conv1 = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
         self.bn1 = group_norm(width, group_size)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        chans = [width, 2 * width, 4 * width, 8 * width]
+        chans = [width, 2 * width, 4 * width, 8 * width][:stages]
         in_ch = width
         for i, ch in enumerate(chans):
             stride = 1 if i == 0 else 2
@@ -76,14 +82,18 @@ class ResNet18(nn.Module):
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             in_ch = ch
         self.out_channels = in_ch
+        self.num_stages = stages
         for m in self.modules():
             if isinstance(m, nn.Conv2d):  # torchvision's initialization
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) -> (N, 8 * width, ceil(H / 32), ceil(W / 32))."""
+        """(N, C, H, W) -> (N, 8 * width, ceil(H / 32), ceil(W / 32)) with 4 stages; each stage
+        fewer doubles the side and halves the channels."""
         x = self.maxpool(F.relu(self.bn1(self.conv1(x)), inplace=True))  # (N, w, H/4, W/4)
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for i in range(self.num_stages):
+            x = getattr(self, f"layer{i + 1}")(x)
+        return x
 
 
 class SpatialSoftmax(nn.Module):
@@ -135,6 +145,7 @@ class ResNetKeypointEncoder(nn.Module):
         group_size: Channels per GroupNorm group.
         num_keypoints: Spatial-softmax keypoints.
         feature_dim: Output features F (a linear layer from 2 x num_keypoints).
+        stages: Residual stages of the trunk kept (4 = ResNet-18; see :class:`ResNet18`).
         weights: Optional path to a torchvision-format ``resnet18`` state dict (e.g. ImageNet
             weights) for the trunk; BatchNorm running statistics and the classifier are dropped,
             BatchNorm's affine weights go to the GroupNorms. None (default): trained from scratch.
@@ -148,9 +159,10 @@ class ResNetKeypointEncoder(nn.Module):
         num_keypoints: int = 32,
         feature_dim: int = 64,
         weights: str | None = None,
+        stages: int = 4,
     ) -> None:
         super().__init__()
-        self.trunk = ResNet18(in_channels, width=width, group_size=group_size)
+        self.trunk = ResNet18(in_channels, width=width, group_size=group_size, stages=stages)
         if weights is not None:
             load_torchvision_weights(self.trunk, weights)
         self.pool = SpatialSoftmax(self.trunk.out_channels, num_keypoints)

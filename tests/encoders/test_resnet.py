@@ -31,6 +31,20 @@ def test_trunk_feature_map_for_84x84_crops():
     assert out.shape == (2, 64, 3, 3)  # 84 -> 42 -> 21 -> 21 -> 11 -> 6 -> 3
 
 
+@pytest.mark.parametrize(("stages", "side"), [(1, 21), (2, 11), (3, 6), (4, 3)])
+def test_fewer_stages_give_a_finer_map(stages, side):
+    net = ResNet18(width=8, stages=stages)
+    out = net(torch.randn(2, 3, 84, 84))
+    assert out.shape == (2, 8 * 2 ** (stages - 1), side, side)
+    assert net.out_channels == out.shape[1]
+    assert not any(name.startswith(f"layer{stages + 1}") for name, _ in net.named_parameters())
+
+
+def test_stages_outside_resnet18_are_refused():
+    with pytest.raises(ValueError, match="stages=5"):
+        ResNet18(width=8, stages=5)
+
+
 def test_spatial_softmax_finds_the_peak():
     pool = SpatialSoftmax(in_channels=2, num_keypoints=2)
     with torch.no_grad():  # keypoint maps = input channels
@@ -58,6 +72,8 @@ def test_loads_torchvision_format_weights(tmp_path):
     state["fc.weight"] = torch.zeros(1000, 64)
     torch.save(state, tmp_path / "r18.pth")
     enc = ResNetKeypointEncoder(width=8, weights=str(tmp_path / "r18.pth"))
+    two_stages = ResNetKeypointEncoder(width=8, weights=str(tmp_path / "r18.pth"), stages=2)
+    torch.testing.assert_close(two_stages.trunk.layer2[0].conv1.weight, src.layer2[0].conv1.weight)
     torch.testing.assert_close(enc.trunk.state_dict(), src.state_dict())
 
     del state["layer4.1.conv2.weight"]
