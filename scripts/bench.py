@@ -186,9 +186,10 @@ def as_reference(policy: Any, fn: Any) -> Any:
     return run
 
 
-def ratio_row(times: dict[str, list[float]], ours: str = "ours") -> dict[str, Any]:
-    mine, ref = summary(times[ours]), summary(times["reference"])
-    return {"ours_s": mine, "reference_s": ref, "ratio": mine["median"] / ref["median"]}
+def ratio_row(times: dict[str, list[float]], key: str = "ours") -> dict[str, Any]:
+    """Medians of ``times[key]`` against ``times["reference"]``."""
+    ours, ref = summary(times[key]), summary(times["reference"])
+    return {"ours_s": ours, "reference_s": ref, "ratio": ours["median"] / ref["median"]}
 
 
 def bench_reference(cfg: Any, dataset: Any, recipe_overrides: list[str], repeats: int) -> dict:
@@ -230,7 +231,7 @@ def bench_reference(cfg: Any, dataset: Any, recipe_overrides: list[str], repeats
     predict["onnx"] = lambda: graph.predict_action(obs)
     times = alternating(predict, repeats)
     out["predict_ddim_16"] = ratio_row(times)
-    out["predict_ddim_16_onnx"] = ratio_row(times, ours="onnx")
+    out["predict_ddim_16_onnx"] = ratio_row(times, key="onnx")
 
     recipe_cfg = compose_cfg("pusht_lowdim_cpu", recipe_overrides)
     recipe_data = instantiate(recipe_cfg.dataset)

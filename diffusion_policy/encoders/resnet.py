@@ -145,10 +145,10 @@ class ResNetKeypointEncoder(nn.Module):
         group_size: Channels per GroupNorm group.
         num_keypoints: Spatial-softmax keypoints.
         feature_dim: Output features F (a linear layer from 2 x num_keypoints).
-        stages: Residual stages of the trunk kept (4 = ResNet-18; see :class:`ResNet18`).
         weights: Optional path to a torchvision-format ``resnet18`` state dict (e.g. ImageNet
             weights) for the trunk; BatchNorm running statistics and the classifier are dropped,
             BatchNorm's affine weights go to the GroupNorms. None (default): trained from scratch.
+        stages: Residual stages of the trunk kept (4 = ResNet-18; see :class:`ResNet18`).
     """
 
     def __init__(
