@@ -186,6 +186,12 @@ def as_reference(policy: Any, fn: Any) -> Any:
     return run
 
 
+def onnx_graph(policy: Any, threads: int = 1) -> OnnxPolicy:
+    """The policy's sampling as `scripts/export.py onnx=true` writes it, run by ONNX Runtime."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return OnnxPolicy(export_onnx(policy, Path(tmp) / "policy.onnx"), threads)
+
+
 def ratio_row(times: dict[str, list[float]], key: str = "ours") -> dict[str, Any]:
     """Medians of ``times[key]`` against ``times["reference"]``."""
     ours, ref = summary(times[key]), summary(times["reference"])
@@ -226,8 +232,7 @@ def bench_reference(cfg: Any, dataset: Any, recipe_overrides: list[str], repeats
     obs = dataset.get_batch([0])["obs"]
     predict = {"ours": lambda: policy.predict_action(obs)}
     predict["reference"] = as_reference(policy, predict["ours"])
-    with tempfile.TemporaryDirectory() as tmp:  # as `scripts/export.py onnx=true` writes it
-        graph = OnnxPolicy(export_onnx(policy, Path(tmp) / "policy.onnx"), torch.get_num_threads())
+    graph = onnx_graph(policy, torch.get_num_threads())
     predict["onnx"] = lambda: graph.predict_action(obs)
     times = alternating(predict, repeats)
     out["predict_ddim_16"] = ratio_row(times)
@@ -252,8 +257,7 @@ def bench_recipe_latency(overrides: list[str], repeats: int) -> dict[str, Any]:
     name = cfg.noise_scheduler._target_.split(".")[-1].removesuffix("Scheduler").lower()
     setting = f"{name}_{policy.num_inference_steps}"
     out = {setting: summary(timed(lambda: policy.predict_action(obs), repeats, warmup=2))}
-    with tempfile.TemporaryDirectory() as tmp:  # as `scripts/export.py onnx=true` writes it
-        graph = OnnxPolicy(export_onnx(policy, Path(tmp) / "policy.onnx"))
+    graph = onnx_graph(policy)
     best = choose_inference_threads(graph)  # serve.py's threads=auto
     out[f"{setting}_onnx_{best}threads"] = summary(
         timed(lambda: graph.predict_action(obs), repeats, warmup=2)
