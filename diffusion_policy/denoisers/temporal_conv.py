@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 log = logging.getLogger(__name__)
@@ -83,13 +84,90 @@ def conv1d_direct(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
 
 
 def conv1d_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The same convolution as :func:`conv1d_direct`, as one GEMM over unfolded windows."""
+    """The same convolution as :func:`conv1d_direct`, as one GEMM over the sequence's windows.
+
+    With gradients it runs :class:`WindowGemm`; without (sampling), ``F.linear`` over
+    ``unfold``'s windows, which reads the weight where it lies: at batch 1 the weight's bytes
+    are what a call waits for.
+    """
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
+        return WindowGemm.apply(x, weight, bias)
     B, C, T = x.shape
     C_out, _, k = weight.shape
     windows = F.pad(x, (k // 2, k // 2)).unfold(2, k, 1)  # (B, C_in, T, k)
     windows = windows.transpose(1, 2).reshape(B * T, C * k)
-    y = torch.addmm(bias, windows, weight.view(C_out, -1).t())  # (B * T, C_out)
+    y = F.linear(windows, weight.reshape(C_out, C * k), bias)  # (B * T, C_out)
     return y.view(B, T, C_out).transpose(1, 2)  # (B, C_out, T)
+
+
+class WindowGemm(torch.autograd.Function):
+    """The GEMM convolution for training, over time-major windows, with its own backward.
+
+    Forward: the padded input is laid out time-major (B, T + k - 1, C_in), so each window is k
+    consecutive rows of C_in values, and the (B * T, k * C_in) window matrix is a copy of
+    contiguous runs; the weight is laid out (C_out, k, C_in) to match. Backward: the window
+    gradients are folded back with k slice additions instead of autograd's ``unfold``
+    backward. On a 2-core AVX512-BF16 CPU this trained the paper UNet's layers 7-30% faster
+    (bf16 autocast, forward and backward) than autograd through :func:`F.unfold`-style windows.
+    Under autocast the products run in the autocast dtype; gradients come back in the inputs'
+    dtypes.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        B, C, T = x.shape
+        C_out, _, k = weight.shape
+        dtype = _autocast_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            padded = x.new_zeros((B, T + k - 1, C), dtype=dtype)  # (B, T + k - 1, C_in)
+            padded[:, k // 2 : k // 2 + T] = x.transpose(1, 2)
+            windows = padded.as_strided((B, T, k, C), (padded.stride(0), C, C, 1))
+            windows = windows.reshape(B * T, k * C)  # (B * T, k * C_in), row (b, t)
+            w = weight.new_empty((C_out, k, C), dtype=dtype).copy_(weight.permute(0, 2, 1))
+            w = w.view(C_out, k * C)
+            y = torch.addmm(bias.to(dtype), windows, w.t())  # (B * T, C_out)
+        ctx.save_for_backward(windows, w)
+        ctx.sizes = (B, C, T, k)
+        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
+        return y.view(B, T, C_out).transpose(1, 2)  # (B, C_out, T)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        windows, w = ctx.saved_tensors
+        B, C, T, k = ctx.sizes
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        C_out = w.shape[0]
+        g = grad_y.transpose(1, 2).reshape(B * T, C_out).to(w.dtype)  # (B * T, C_out)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            g_windows = (g @ w).view(B, T, k, C)
+            # Accumulated in at least the input's precision: k bf16 terms would round k times.
+            g_padded = g.new_zeros((B, T + k - 1, C), dtype=_wider(x_dtype, g.dtype))
+            for j in range(k):  # window row j of step t read step t + j of the padded input
+                g_padded[:, j : j + T] += g_windows[:, :, j]
+            grad_x = g_padded[:, k // 2 : k // 2 + T].transpose(1, 2)  # (B, C_in, T)
+            # Contiguous: elementwise backward kernels (Mish's) crawl over transposed strides.
+            grad_x = grad_x.to(x_dtype, memory_format=torch.contiguous_format)
+        if ctx.needs_input_grad[1]:
+            g_w = (g.t() @ windows).view(C_out, k, C)
+            grad_w = g_w.new_empty((C_out, C, k), dtype=w_dtype).copy_(g_w.permute(0, 2, 1))
+        if ctx.needs_input_grad[2]:
+            grad_b = g.sum(0, dtype=_wider(b_dtype, g.dtype)).to(b_dtype)
+        return grad_x, grad_w, grad_b
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast runs a matrix product of float32 ``x`` in; else ``x``'s own."""
+    kind = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
+def _wider(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """The more precise of two float dtypes, at least float32."""
+    return torch.promote_types(torch.promote_types(a, b), torch.float32)
 
 
 CONV_PATHS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
