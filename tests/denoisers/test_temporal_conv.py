@@ -59,6 +59,23 @@ def test_float32_and_non_contiguous_input(path):
     torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [1, 3, 5, 7])
+@pytest.mark.parametrize(("B", "in_ch", "out_ch", "T"), [(2, 3, 5, 16), (3, 2, 6, 1)])
+def test_window_gemm_is_exact_in_float64(k, B, in_ch, out_ch, T):
+    """The autocast training path's own backward, checked without autocast's rounding."""
+    _, ref = _pair(in_ch, out_ch, k)
+    x = torch.randn(B, in_ch, T, dtype=torch.float64, requires_grad=True)
+    weight, bias = ref.weight.detach().requires_grad_(), ref.bias.detach().requires_grad_()
+    y = temporal_conv.WindowGemm.apply(x, weight, bias)
+    y_ref = ref(x)
+    torch.testing.assert_close(y, y_ref)
+    grad_out = torch.randn_like(y_ref)
+    grads = torch.autograd.grad(y, (x, weight, bias), grad_out)
+    grads_ref = torch.autograd.grad(y_ref, (x, ref.weight, ref.bias), grad_out)
+    for got, want in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("k", [1, 5])
 def test_gemm_under_bf16_autocast_matches_direct_and_returns_float32_gradients(k):
     """Training's path under autocast: bf16 products, float32 gradients for float32 inputs."""
