@@ -120,13 +120,13 @@ class WindowGemm(torch.autograd.Function):
         B, C, T = x.shape
         C_out, _, k = weight.shape
         dtype = _autocast_dtype(x)
+        p = k // 2
         with torch.autocast(x.device.type, enabled=False):
-            padded = x.new_zeros((B, T + k - 1, C), dtype=dtype)  # (B, T + k - 1, C_in)
-            padded[:, k // 2 : k // 2 + T] = x.transpose(1, 2)
-            windows = padded.as_strided((B, T, k, C), (padded.stride(0), C, C, 1))
-            windows = windows.reshape(B * T, k * C)  # (B * T, k * C_in), row (b, t)
-            w = weight.new_empty((C_out, k, C), dtype=dtype).copy_(weight.permute(0, 2, 1))
-            w = w.view(C_out, k * C)
+            padded = F.pad(x.transpose(1, 2).to(dtype), (0, 0, p, p))  # (B, T + 2p, C_in)
+            windows = padded.unfold(1, k, 1).transpose(2, 3)  # (B, T, k, C_in), a view
+            windows = windows.reshape(B * T, k * C)  # rows (b, t), runs of C_in
+            w = weight.permute(0, 2, 1).to(dtype, memory_format=torch.contiguous_format)
+            w = w.reshape(C_out, k * C)  # (C_out, k * C_in)
             y = torch.addmm(bias.to(dtype), windows, w.t())  # (B * T, C_out)
         ctx.save_for_backward(windows, w)
         ctx.sizes = (B, C, T, k)
@@ -139,21 +139,24 @@ class WindowGemm(torch.autograd.Function):
         windows, w = ctx.saved_tensors
         B, C, T, k = ctx.sizes
         x_dtype, w_dtype, b_dtype = ctx.dtypes
-        C_out = w.shape[0]
+        C_out, p = w.shape[0], k // 2
         g = grad_y.transpose(1, 2).reshape(B * T, C_out).to(w.dtype)  # (B * T, C_out)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             g_windows = (g @ w).view(B, T, k, C)
-            # Accumulated in at least the input's precision: k bf16 terms would round k times.
-            g_padded = g.new_zeros((B, T + k - 1, C), dtype=_wider(x_dtype, g.dtype))
-            for j in range(k):  # window row j of step t read step t + j of the padded input
-                g_padded[:, j : j + T] += g_windows[:, :, j]
-            grad_x = g_padded[:, k // 2 : k // 2 + T].transpose(1, 2)  # (B, C_in, T)
-            # Contiguous: elementwise backward kernels (Mish's) crawl over transposed strides.
-            grad_x = grad_x.to(x_dtype, memory_format=torch.contiguous_format)
+            # Input step i was row j of window i + p - j: with the windows padded by p on both
+            # sides, window i + 2p - j. Summed in at least the input's precision (k bf16 terms
+            # would round k times).
+            g_padded = F.pad(g_windows, (0, 0, 0, 0, p, p))  # (B, T + 2p, k, C_in)
+            grad_x = g_padded[:, 2 * p : 2 * p + T, 0].to(_wider(x_dtype, g.dtype))
+            for j in range(1, k):
+                grad_x = grad_x + g_padded[:, 2 * p - j : 2 * p - j + T, j]
+            # Contiguous (B, C_in, T): elementwise backward kernels (Mish's) crawl over
+            # transposed strides.
+            grad_x = grad_x.transpose(1, 2).to(x_dtype, memory_format=torch.contiguous_format)
         if ctx.needs_input_grad[1]:
             g_w = (g.t() @ windows).view(C_out, k, C)
-            grad_w = g_w.new_empty((C_out, C, k), dtype=w_dtype).copy_(g_w.permute(0, 2, 1))
+            grad_w = g_w.permute(0, 2, 1).to(w_dtype, memory_format=torch.contiguous_format)
         if ctx.needs_input_grad[2]:
             grad_b = g.sum(0, dtype=_wider(b_dtype, g.dtype)).to(b_dtype)
         return grad_x, grad_w, grad_b

@@ -36,7 +36,7 @@ class FiLMResBlock(nn.Module):
         self.conv1 = ConvBlock(in_ch, out_ch, kernel_size, n_groups)
         self.conv2 = ConvBlock(out_ch, out_ch, kernel_size, n_groups)
         self.film = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, 2 * out_ch))
-        self.skip = TemporalConv1d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.skip = nn.Conv1d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, film: torch.Tensor) -> torch.Tensor:
         """x: (B, C_in, T), film: ``self.film`` of the condition (B, 2 * C_out) -> (B, C_out, T)."""
@@ -109,7 +109,7 @@ class ConditionalUnet1D(nn.Module):
 
         self.head = nn.Sequential(
             ConvBlock(down_dims[0], down_dims[0], kernel_size, n_groups),
-            TemporalConv1d(down_dims[0], action_dim, 1),
+            nn.Conv1d(down_dims[0], action_dim, 1),
         )
         # The FiLM blocks in the order forward() runs them, and the size of each one's FiLM.
         self.film_blocks = [m for m in self.modules() if isinstance(m, FiLMResBlock)]

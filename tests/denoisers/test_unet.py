@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from diffusion_policy.denoisers.temporal_conv import set_conv_path
 from diffusion_policy.denoisers.unet import ConditionalUnet1D
 
 
@@ -62,3 +63,26 @@ def test_every_block_gets_its_own_film():
     assert len(seen) == len(net.film_blocks) == 12  # down 3 x 2, mid 2, up 2 x 2
     for block, film in seen.items():
         torch.testing.assert_close(film, block.film(c))
+
+
+@pytest.mark.slow
+def test_compiled_bf16_training_step_matches_eager():
+    """What `trainer.compile=true` runs under bf16 autocast (WindowGemm inside the graph).
+
+    A 1x1 layer through the GEMM path once crashed such a compiled step (heap corruption).
+    """
+    set_conv_path("gemm")
+    try:
+        torch.manual_seed(0)
+        unet = ConditionalUnet1D(2, 20, 16, n_obs_steps=2, down_dims=[32, 64, 128])
+        x, t, cond = torch.randn(8, 16, 2), torch.randint(0, 100, (8,)), torch.randn(8, 2, 20)
+        grads = []
+        for model in (unet, torch.compile(unet, dynamic=False)):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(x, t, cond).float().square().mean()
+            loss.backward()
+            grads.append(torch.cat([p.grad.flatten() for p in unet.parameters()]))
+            unet.zero_grad(set_to_none=True)
+        torch.testing.assert_close(grads[1], grads[0], rtol=0.05, atol=0.05 * grads[0].abs().max())
+    finally:
+        set_conv_path(None)
