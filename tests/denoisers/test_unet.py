@@ -67,9 +67,9 @@ def test_every_block_gets_its_own_film():
 
 @pytest.mark.slow
 def test_compiled_bf16_training_step_matches_eager():
-    """What `trainer.compile=true` runs under bf16 autocast (WindowGemm inside the graph).
-
-    A 1x1 layer through the GEMM path once crashed such a compiled step (heap corruption).
+    """What `trainer.compile=true` runs where `precision=auto` picks bf16: a compiled step on
+    the GEMM path. A variant with the 1x1 layers on that path crashed the process here (heap
+    corruption), so the step must run and match eager.
     """
     set_conv_path("gemm")
     try:
