@@ -62,7 +62,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffusion_policy.denoisers.temporal_conv import set_conv_path
 from diffusion_policy.deploy.onnx_policy import OnnxPolicy, export_onnx
 from diffusion_policy.deploy.warmup import choose_inference_threads, compile_for_inference
-from diffusion_policy.training.builders import build_policy
+from diffusion_policy.training.builders import action_origin, build_policy
 from diffusion_policy.training.ema import EMA
 from diffusion_policy.training.optim import build_optimizer
 from diffusion_policy.training.precision import autocast
@@ -92,7 +92,7 @@ def fitted_policy(cfg: Any, dataset: Any) -> Any:
     """An untrained policy of ``cfg`` (seed 0) with its normalizer fit on ``dataset``."""
     torch.manual_seed(0)
     policy = build_policy(cfg, dataset.shape_meta)
-    policy.normalizer.fit(dataset.get_normalizer_data())
+    policy.normalizer.fit(dataset.get_normalizer_data(action_origin(cfg)))
     return policy
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from diffusion_policy.data.action_origin import parse_action_origin, relative_window_actions
 from diffusion_policy.data.errors import DatasetError
 from diffusion_policy.data.keys import ACTION, LOW_DIM, OBS
 from diffusion_policy.data.replay_buffer import ReplayBuffer
@@ -185,12 +186,27 @@ class SequenceDataset(Dataset):
         }
         return {OBS: obs, ACTION: {"shape": list(self.arrays[ACTION].shape[1:])}}
 
-    def get_normalizer_data(self) -> dict[str, np.ndarray]:
-        """The low-dim fields and action over the train episodes' steps: ``{key: (N, D)}``."""
+    def get_normalizer_data(
+        self, action_origin: Mapping[str, Sequence[int]] | None = None
+    ) -> dict[str, np.ndarray]:
+        """The low-dim fields and action over the train episodes' steps: ``{key: (N, D)}``.
+
+        Args:
+            action_origin: The policy's relative-action origin (see
+                :mod:`~diffusion_policy.data.action_origin`); the action entry is then every
+                train window's actions relative to its current frame, as the policy sees them.
+        """
         lengths = np.diff(self.episode_ends, prepend=0)
         steps = np.repeat(self.train_mask, lengths)  # (n_steps,) bool
         keys = [k for k, f in self.obs_fields.items() if f.type == LOW_DIM] + [ACTION]
-        return {k: flatten_steps(self.arrays[k][steps]) for k in keys}
+        data = {k: flatten_steps(self.arrays[k][steps]) for k in keys}
+        origin = parse_action_origin(action_origin, self.shape_meta)
+        if origin is not None:
+            key, dims = origin
+            data[ACTION] = relative_window_actions(
+                self.arrays[key], self.arrays[ACTION], self.sampler.indices, self.n_obs_steps, dims
+            )
+        return data
 
     def __len__(self) -> int:
         return len(self.sampler)

@@ -68,8 +68,10 @@ class SamplingGraph(nn.Module):
     def forward(self, noise: torch.Tensor, *obs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``noise`` (B, T, Da) and the observations {key: (B, To, ...)} in ``keys`` order ->
         (the executed actions (B, Ta, Da), the whole horizon (B, T, Da))."""
-        cond = self.policy.encode_obs(dict(zip(self.keys, obs, strict=True)))  # (B, To, F)
-        out = self.policy.actions_from_sample(self.policy.sample_with_plan(noise, cond))
+        named = dict(zip(self.keys, obs, strict=True))
+        cond = self.policy.encode_obs(named)  # (B, To, F)
+        sample = self.policy.sample_with_plan(noise, cond)  # (B, T, Da)
+        out = self.policy.actions_from_sample(sample, self.policy.action_offset(named))
         return out[ACTION], out[ACTION_PRED]
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from diffusers import SchedulerMixin
 from torch import nn
 
-from diffusion_policy.data.keys import ACTION, LOW_DIM
+from diffusion_policy.data.action_origin import parse_action_origin
+from diffusion_policy.data.keys import ACTION, LOW_DIM, OBS
 from diffusion_policy.data.normalizer import LinearNormalizer
 from diffusion_policy.policies.sampler_plan import SamplerPlan, plan_sampler, takes_generator
 from diffusion_policy.training.precision import resolve_precision
@@ -41,6 +42,11 @@ class DiffusionPolicy(nn.Module):
         n_obs_steps: Number of observation frames conditioning the prediction.
         n_action_steps: Number of actions executed per prediction.
         num_inference_steps: Denoising steps when sampling; the scheduler's training steps if None.
+        action_origin: Relative actions: ``{obs_key: indices}``, one index per action
+            dimension into the key's frame; the policy predicts each action minus those
+            values of the current frame (:mod:`~diffusion_policy.data.action_origin`). Its
+            normalizer must be fit on relative actions
+            (``dataset.get_normalizer_data(action_origin)``). None: absolute actions.
     """
 
     def __init__(
@@ -53,11 +59,13 @@ class DiffusionPolicy(nn.Module):
         n_obs_steps: int = 2,
         n_action_steps: int = 8,
         num_inference_steps: int | None = None,
+        action_origin: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
         check_window(horizon, n_obs_steps, n_action_steps)
         self.shape_meta = shape_meta
         self.action_dim = int(shape_meta[ACTION]["shape"][0])
+        self.action_origin = parse_action_origin(action_origin, shape_meta)
         self.horizon = horizon
         self.n_obs_steps = n_obs_steps
         self.n_action_steps = n_action_steps
@@ -140,6 +148,15 @@ class DiffusionPolicy(nn.Module):
         """Encodes raw observations {key: (B, >=To, ...)} into the condition (B, To, F)."""
         return self.encoder(self._normalize_obs(obs))
 
+    def action_offset(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """The origin of relative actions in the current frame (B, 1, Da), raw units; None for
+        absolute actions."""
+        if self.action_origin is None:
+            return None
+        key, dims = self.action_origin
+        frame = obs[key][:, self.n_obs_steps - 1].flatten(1).float()  # (B, D)
+        return frame[:, dims].unsqueeze(1)
+
     def forward(self, batch: Mapping[str, Any], **kwargs: Any) -> torch.Tensor:
         """The training loss: :meth:`compute_loss` with its keyword arguments.
 
@@ -165,7 +182,11 @@ class DiffusionPolicy(nn.Module):
             The scalar mean-squared error of the denoiser's prediction.
         """
         cond = self.encode_obs(batch["obs"])  # (B, To, F)
-        actions = self.normalizer.normalize_key(ACTION, batch[ACTION].float())  # (B, T, Da)
+        actions = batch[ACTION].float()  # (B, T, Da)
+        offset = self.action_offset(batch[OBS])
+        if offset is not None:
+            actions = actions - offset
+        actions = self.normalizer.normalize_key(ACTION, actions)
         if noise is None:
             noise = torch.randn_like(actions)
         if timesteps is None:
@@ -365,16 +386,20 @@ class DiffusionPolicy(nn.Module):
             x = (self._compiled_sample or self.sample_with_plan)(x, cond)  # (B, T, Da)
         else:
             x = self._sample_with_scheduler(x, cond, generator)
-        return self.actions_from_sample(x)
+        return self.actions_from_sample(x, self.action_offset(obs))
 
-    def actions_from_sample(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The denoised sample (B, T, Da), clipped and un-normalized: ``"action"``, the executed
-        chunk (B, n_action_steps, Da) from the last observed step, and ``"action_pred"``, the
-        whole horizon (B, T, Da)."""
+    def actions_from_sample(
+        self, x: torch.Tensor, offset: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The denoised sample (B, T, Da), clipped, un-normalized and moved by ``offset``
+        (:meth:`action_offset`): ``"action"``, the executed chunk (B, n_action_steps, Da) from
+        the last observed step, and ``"action_pred"``, the whole horizon (B, T, Da)."""
         clip = self.clip_range()
         if clip is not None:
             x = x.clamp(-clip, clip)
         action_pred = self.normalizer.unnormalize_key(ACTION, x)  # (B, T, Da)
+        if offset is not None:
+            action_pred = action_pred + offset
         start = self.n_obs_steps - 1
         return {
             ACTION: action_pred[:, start : start + self.n_action_steps],

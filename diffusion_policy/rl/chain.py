@@ -239,12 +239,19 @@ class DenoisingChain(nn.Module):
         return self._log_density(x_prev, mean, std), mean, std
 
     @torch.no_grad()
-    def sample(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> ChainSample:
+    def sample(
+        self,
+        cond: torch.Tensor,
+        generator: torch.Generator | None = None,
+        offset: torch.Tensor | None = None,
+    ) -> ChainSample:
         """Samples one chain per condition.
 
         Args:
             cond: Observation features (B, To, F), from ``policy.encode_obs``.
             generator: Random generator (on ``cond``'s device) for reproducible chains.
+            offset: The policy's relative-action origin (B, 1, Da), ``policy.action_offset``;
+                None for absolute actions.
 
         Returns:
             The :class:`ChainSample`.
@@ -269,8 +276,9 @@ class DenoisingChain(nn.Module):
             x = x_prev
         samples.append(x)
         final = x.clamp(-self.clip, self.clip) if self.clip is not None else x
+        action = policy.normalizer.unnormalize_key(ACTION, final)  # (B, T, Da)
         return ChainSample(
-            action=policy.normalizer.unnormalize_key(ACTION, final),  # (B, T, Da)
+            action=action if offset is None else action + offset,
             samples=torch.stack(samples, 1),  # (B, K + 1, T, Da)
             log_probs=torch.stack(log_probs, 1) if log_probs else cond.new_zeros(B, 0),  # (B, K)
         )

@@ -214,10 +214,11 @@ def collect(
     rows.update(values=[], rewards=[], dones=[], valid=[])
     episodes: dict[str, list[float]] = {"return": [], "score": [], "success": []}
     env_steps = 0
-    cond = policy.encode_obs(_to_tensors(obs, device))  # (E, To, F)
+    obs_t = _to_tensors(obs, device)
+    cond = policy.encode_obs(obs_t)  # (E, To, F)
     elapsed = _elapsed(info, device)  # (E,)
     for _ in range(n_decisions):
-        sample = chain.sample(cond, generator)
+        sample = chain.sample(cond, generator, offset=policy.action_offset(obs_t))
         chunk = sample.action[:, start : start + policy.n_action_steps]  # (E, Ta, Da)
         obs, reward, terminated, truncated, info = envs.step(chunk.cpu().numpy())
         done = terminated | truncated
@@ -235,7 +236,8 @@ def collect(
             episodes["score"].append(float(info["episode_score"][e]))
             episodes["success"].append(float(info["episode_success"][e]))
         alive &= ~done
-        cond = policy.encode_obs(_to_tensors(obs, device))
+        obs_t = _to_tensors(obs, device)
+        cond = policy.encode_obs(obs_t)
         elapsed = _elapsed(info, device)
         if not alive.any():
             break

@@ -36,6 +36,12 @@ def build_policy(cfg: DictConfig, shape_meta: Mapping[str, Any]) -> DiffusionPol
     return _build_policy(cfg, shape_meta, lambda node, where, **kw: instantiate(node, **kw))
 
 
+def action_origin(cfg: DictConfig) -> dict[str, list[int]] | None:
+    """``policy.action_origin`` of ``cfg`` as plain data (None when absent: older configs)."""
+    origin = cfg.policy.get("action_origin")
+    return OmegaConf.to_container(origin) if origin else None
+
+
 def _build_policy(
     cfg: DictConfig, shape_meta: Mapping[str, Any], make: Callable[..., Any]
 ) -> DiffusionPolicy:
@@ -48,6 +54,7 @@ def _build_policy(
         n_obs_steps=cfg.n_obs_steps,
         n_action_steps=cfg.n_action_steps,
         num_inference_steps=cfg.policy.num_inference_steps,
+        action_origin=action_origin(cfg),
     )
 
 

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from diffusion_policy.training.builders import resolve_device
+from diffusion_policy.training.builders import action_origin, resolve_device
 from diffusion_policy.training.checkpoint import (
     CheckpointWriteError,
     TopKCheckpoints,
@@ -141,7 +141,7 @@ class Trainer:
         """The policy, its EMA, the optimizer, and the model that trains (DDP across ranks)."""
         cfg, tcfg = self.cfg, self.tcfg
         self.policy, self.ema = build_policy_and_ema(
-            cfg, self.shape_meta, self.dataset.get_normalizer_data(), self.device
+            cfg, self.shape_meta, self.dataset.get_normalizer_data(action_origin(cfg)), self.device
         )
         if self.dist.is_main:
             warn_if_low_disk(self.ckpt_dir, (tcfg.topk + 2) * checkpoint_bytes(self.policy))

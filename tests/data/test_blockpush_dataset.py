@@ -79,3 +79,19 @@ def test_abs_action_windows_hold_the_next_targets(store):
     # The policy normalizes what it trains on: the targets' range, in the workspace.
     normalizer_actions = targets.get_normalizer_data()["action"]
     assert normalizer_actions.min() >= -0.5 and normalizer_actions[:, 0].min() >= 0.15
+
+
+def test_normalizer_data_of_relative_actions_covers_every_window(store):
+    ds = BlockPushLowdimDataset(
+        str(store), abs_action=True, horizon=16, n_obs_steps=2, n_action_steps=8, val_ratio=0.25
+    )
+    relative = ds.get_normalizer_data(action_origin={"obs": [8, 9]})["action"]  # (N * T, 2)
+    assert relative.shape == (len(ds) * 16, 2)
+    # Window 3's actions minus its current frame's target, as the policy will see them.
+    window = ds[3]
+    expected = window["action"] - window["obs"]["obs"][-1, 8:10]  # (T, 2)
+    np.testing.assert_allclose(relative[3 * 16 : 4 * 16], expected.numpy(), atol=1e-6)
+    # Offsets from the target are small next to the targets themselves.
+    assert np.abs(relative).max() < np.abs(ds.get_normalizer_data()["action"]).max()
+    with pytest.raises(ValueError, match="one index"):
+        ds.get_normalizer_data(action_origin={"obs": [8]})

@@ -148,3 +148,39 @@ def test_num_inference_steps_below_one_is_an_error(steps):
     with pytest.raises(ValueError, match=rf"num_inference_steps={steps} must be >= 1"):
         policy.set_sampler(DDIMScheduler.from_config(policy.noise_scheduler.config), steps)
     assert policy.num_inference_steps == 4
+
+
+def test_relative_actions_are_absolute_ones_moved_by_the_current_frame():
+    """A policy with ``action_origin`` trains on, and samples, actions minus the current
+    agent position: the same as an absolute policy on actions shifted by hand."""
+    batch = make_batch(B=4)
+    origin = batch["obs"]["agent_pos"][:, 1:2]  # (B, 1, 2): the current frame (To = 2)
+    shifted = {**batch, "action": batch["action"] - origin}
+    relative = make_policy(action_origin={"agent_pos": [0, 1]})
+    absolute = make_policy()
+    for policy in (relative, absolute):
+        fit_normalizer(policy, shifted)
+    noise = torch.randn(4, 16, 2, generator=torch.Generator().manual_seed(2))
+    steps = torch.tensor([1, 5, 10, 19])
+    torch.testing.assert_close(
+        relative.compute_loss(batch, noise=noise, timesteps=steps),
+        absolute.compute_loss(shifted, noise=noise, timesteps=steps),
+    )
+    out_rel = relative.predict_action(batch["obs"], generator=torch.Generator().manual_seed(3))
+    out_abs = absolute.predict_action(batch["obs"], generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(out_rel["action_pred"], out_abs["action_pred"] + origin)
+    assert not torch.allclose(out_rel["action_pred"], out_abs["action_pred"])
+
+
+@pytest.mark.parametrize(
+    "origin, match",
+    [
+        ({"agent_pos": [0]}, "one index"),
+        ({"agent_pos": [0, 2]}, "one index"),
+        ({"nope": [0, 1]}, "not a low-dim observation key"),
+        ({"agent_pos": [0, 1], "keypoint": [0, 1]}, "one observation key"),
+    ],
+)
+def test_bad_action_origin_is_refused(origin, match):
+    with pytest.raises(ValueError, match=match):
+        make_policy(action_origin=origin)
