@@ -99,6 +99,21 @@ def test_a_multistep_solver_exports_too(tmp_path):
     assert OnnxPolicy(path).sampler == "DPMSolverMultistepScheduler"
 
 
+def test_relative_actions_export_with_their_origin(tmp_path):
+    cfg = copy.deepcopy(TINY_CFG)
+    cfg["policy"] = {**cfg.get("policy", {}), "action_origin": {"agent_pos": [0, 1]}}
+    torch.manual_seed(0)
+    policy = build_policy(OmegaConf.create(cfg), PUSHT_SHAPE_META)
+    policy.normalizer.fit({k: torch.rand(64, d) * 512 for k, d in KEY_DIMS.items()})
+    policy.set_sampler(DDIMScheduler.from_config(policy.noise_scheduler.config), 4)
+    path = export_onnx(policy.eval(), tmp_path / "relative.onnx")
+    obs = _obs(2)
+    mine = OnnxPolicy(path).predict_action(obs, generator=torch.Generator().manual_seed(3))
+    theirs = policy.predict_action(obs, generator=torch.Generator().manual_seed(3))
+    # Without the origin (the current agent position, 0..512 px) they would differ by pixels.
+    assert torch.allclose(mine["action_pred"], theirs["action_pred"], atol=2e-3)
+
+
 def test_a_sampler_that_draws_noise_is_refused(tmp_path):
     with pytest.raises(OnnxExportError, match="DDPMScheduler .* not a deterministic sampler"):
         export_onnx(tiny_policy(), tmp_path / "ddpm.onnx")
