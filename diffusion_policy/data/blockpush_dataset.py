@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 
 from diffusion_policy.data.keys import ACTION, OBS
 from diffusion_policy.data.sequence_dataset import Field, SequenceDataset
-from diffusion_policy.envs.blockpush_actions import absolute_actions
+from diffusion_policy.envs.blockpush_actions import WORKSPACE_CENTER, absolute_actions, move_scene
 
 DEFAULT_BLOCKPUSH_PATH = Path("data") / "blockpush" / "blockpush_oracle.zarr"
 
@@ -21,7 +24,12 @@ class BlockPushLowdimDataset(SequenceDataset):
     ``"obs"``, the one the rollout runner gives a non-dict observation. Actions are the stored
     relative moves (dx, dy), or with ``abs_action`` the effector targets they set (x, y), for an
     env built with ``abs_action``. A store that is absent is generated first with the scripted
-    oracle (``generate_episodes`` episodes from seed ``generate_seed``; minutes for 1,000). See
+    oracle (``generate_episodes`` episodes from seed ``generate_seed``; minutes for 1,000).
+
+    With ``augment_angle_deg`` or ``augment_shift`` (``abs_action`` only), every training window
+    is drawn rotated about the workspace centre by up to that angle and shifted by up to that
+    many metres per axis (uniformly, from torch's generator): the same pushes in new layouts.
+    The validation windows stay as recorded; the normalizer covers the moved scenes. See
     :class:`SequenceDataset` for the other arguments.
     """
 
@@ -34,12 +42,80 @@ class BlockPushLowdimDataset(SequenceDataset):
         generate_episodes: int = 1000,
         generate_seed: int = 0,
         abs_action: bool = False,
+        augment_angle_deg: float = 0.0,
+        augment_shift: float = 0.0,
         **kwargs: Any,
     ) -> None:
+        if (augment_angle_deg or augment_shift) and not abs_action:
+            raise ValueError(
+                "augment_angle_deg / augment_shift move the scene's absolute positions: they "
+                "need abs_action=true (actions as targets, not moves)"
+            )
+        if augment_angle_deg < 0 or augment_shift < 0:
+            raise ValueError(
+                f"augment_angle_deg={augment_angle_deg} and augment_shift={augment_shift} "
+                f"must be >= 0"
+            )
         self.generate_episodes = generate_episodes
         self.generate_seed = generate_seed
         self.abs_action = abs_action
+        self.augment_angle = math.radians(augment_angle_deg)
+        self.augment_shift = augment_shift
         super().__init__(zarr_path, **kwargs)
+
+    @property
+    def augments(self) -> bool:
+        return bool(self.augment_angle or self.augment_shift)
+
+    def _moves(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+        """Random rotations (n,) and shifts (n, 2) within the augmentation bounds."""
+        angle = (torch.rand(n, generator=generator) * 2 - 1) * self.augment_angle
+        shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * self.augment_shift
+        return angle, shift
+
+    def _to_batch(self, sample: dict[str, np.ndarray]) -> dict[str, Any]:
+        batch = super()._to_batch(sample)
+        if not self.augments:
+            return batch
+        obs, action = batch[OBS][OBS], batch[ACTION]
+        single = obs.ndim == 2  # one window: (To, 16), (T, 2)
+        if single:
+            obs, action = obs[None], action[None]
+        obs, action = move_scene(obs, action, *self._moves(len(obs)))
+        if single:
+            obs, action = obs[0], action[0]
+        return {OBS: {OBS: obs}, ACTION: action}
+
+    def get_validation_dataset(self) -> BlockPushLowdimDataset:
+        """The validation windows, as recorded (not augmented)."""
+        val = super().get_validation_dataset()
+        val.augment_angle, val.augment_shift = 0.0, 0.0
+        return val
+
+    def get_normalizer_data(
+        self, action_origin: Mapping[str, Sequence[int]] | None = None
+    ) -> dict[str, np.ndarray]:
+        """As :meth:`SequenceDataset.get_normalizer_data`; when augmenting, with 4 randomly moved
+        copies of every step (a fixed seed) added, so the ranges cover the moved scenes."""
+        data = super().get_normalizer_data(action_origin)
+        if not self.augments:
+            return data
+        g = torch.Generator().manual_seed(0)
+        obs = torch.from_numpy(data[OBS])[:, None]  # (N, 1, 16)
+        action = torch.from_numpy(data[ACTION])[:, None]  # (N, 1, 2)
+        all_obs, all_actions = [data[OBS]], [data[ACTION]]
+        for _ in range(4):
+            moved_obs, _ = move_scene(obs, action, *self._moves(len(obs), g))
+            angle, shift = self._moves(len(action), g)
+            if action_origin:  # offsets turn with the scene (about the centre) and do not shift
+                centre = torch.tensor(WORKSPACE_CENTER, dtype=action.dtype)
+                _, moved = move_scene(obs, action + centre, angle, torch.zeros_like(shift))
+                moved = moved - centre
+            else:
+                _, moved = move_scene(obs, action, angle, shift)
+            all_obs.append(moved_obs[:, 0].numpy())
+            all_actions.append(moved[:, 0].numpy())
+        return {**data, OBS: np.concatenate(all_obs), ACTION: np.concatenate(all_actions)}
 
     def combine_fields(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """With ``abs_action``, the actions become the targets they set."""

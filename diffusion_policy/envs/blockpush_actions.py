@@ -8,7 +8,10 @@ into the targets they led to, and the env with ``abs_action`` turns a target bac
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import torch
 
 # Workspace of the effector (target), metres in the robot base frame.
 WORKSPACE_X = (0.15, 0.7)
@@ -45,3 +48,42 @@ def absolute_actions(obs: np.ndarray, action: np.ndarray) -> np.ndarray:
     """
     target = obs[:, list(TARGET_XY)].astype(np.float64)
     return next_target(target, action.astype(np.float64)).astype(np.float32)
+
+
+# Planar positions and yaws in the 16-value observation (blocks, effector, target, zones).
+OBS_XY = ((0, 1), (3, 4), (6, 7), (8, 9), (10, 11), (13, 14))
+OBS_YAW = (2, 5, 12, 15)
+WORKSPACE_CENTER = (0.425, 0.0)
+
+
+def move_scene(
+    obs: torch.Tensor, targets: torch.Tensor, angle: torch.Tensor, shift: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same scenes rotated about the workspace centre and shifted in the table plane.
+
+    Pushing is the same physics in any rotated or shifted copy of a layout, so a window moved
+    this way is another valid demonstration window (workspace limits aside).
+
+    Args:
+        obs: Observations (B, To, 16).
+        targets: Absolute effector targets (B, T, 2).
+        angle: Rotation per window (B,), radians.
+        shift: Translation per window (B, 2), metres, applied after the rotation.
+
+    Returns:
+        The moved ``(obs, targets)``; yaws stay wrapped to [-pi, pi).
+    """
+    cos, sin = angle.cos()[:, None], angle.sin()[:, None]  # (B, 1)
+    cx, cy = WORKSPACE_CENTER
+
+    def rotate(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dx, dy = x - cx, y - cy  # (B, steps)
+        return cx + cos * dx - sin * dy + shift[:, :1], cy + sin * dx + cos * dy + shift[:, 1:]
+
+    obs, targets = obs.clone(), targets.clone()
+    for ix, iy in OBS_XY:
+        obs[..., ix], obs[..., iy] = rotate(obs[..., ix], obs[..., iy])
+    for i in OBS_YAW:
+        obs[..., i] = torch.remainder(obs[..., i] + angle[:, None] + math.pi, 2 * math.pi) - math.pi
+    targets[..., 0], targets[..., 1] = rotate(targets[..., 0], targets[..., 1])
+    return obs, targets

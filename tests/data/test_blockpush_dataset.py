@@ -95,3 +95,32 @@ def test_normalizer_data_of_relative_actions_covers_every_window(store):
     assert np.abs(relative).max() < np.abs(ds.get_normalizer_data()["action"]).max()
     with pytest.raises(ValueError, match="one index"):
         ds.get_normalizer_data(action_origin={"obs": [8]})
+
+
+def test_augmented_windows_are_moved_copies_of_the_scene(store):
+    kwargs = dict(horizon=16, n_obs_steps=2, n_action_steps=8, val_ratio=0.25, abs_action=True)
+    plain = BlockPushLowdimDataset(str(store), **kwargs)
+    moved = BlockPushLowdimDataset(str(store), augment_angle_deg=90, augment_shift=0.05, **kwargs)
+    torch.manual_seed(0)
+    a, b = plain.get_batch(range(8)), moved.get_batch(range(8))
+    obs_a, obs_b = a["obs"]["obs"], b["obs"]["obs"]  # (8, To, 16)
+    assert not torch.allclose(obs_a, obs_b, atol=1e-3)
+
+    def dist(obs, i, j):  # between planar points at indices i and j
+        return (obs[..., i : i + 2] - obs[..., j : j + 2]).norm(dim=-1)
+
+    # Distances between block, effector target and zone are kept; so is each target's
+    # distance to the current commanded target.
+    for i, j in ((0, 10), (3, 13), (8, 0), (6, 3)):
+        torch.testing.assert_close(dist(obs_b, i, j), dist(obs_a, i, j), atol=1e-5, rtol=0)
+    to_target = lambda batch: (  # noqa: E731
+        batch["action"] - batch["obs"]["obs"][:, -1:, 8:10]
+    ).norm(dim=-1)
+    torch.testing.assert_close(to_target(b), to_target(a), atol=1e-5, rtol=0)
+    # Validation windows are as recorded; the normalizer covers the moved scenes.
+    val_plain, val_moved = plain.get_validation_dataset(), moved.get_validation_dataset()
+    torch.testing.assert_close(val_moved.get_batch([0, 1]), val_plain.get_batch([0, 1]))
+    span = lambda d: np.ptp(d.get_normalizer_data()["action"], axis=0)  # noqa: E731
+    assert (span(moved) > span(plain)).all()
+    with pytest.raises(ValueError, match="abs_action=true"):
+        BlockPushLowdimDataset(str(store), augment_angle_deg=10, abs_action=False)
