@@ -113,9 +113,11 @@ def test_augmented_windows_are_moved_copies_of_the_scene(store):
     # distance to the current commanded target.
     for i, j in ((0, 10), (3, 13), (8, 0), (6, 3)):
         torch.testing.assert_close(dist(obs_b, i, j), dist(obs_a, i, j), atol=1e-5, rtol=0)
-    to_target = lambda batch: (  # noqa: E731
-        batch["action"] - batch["obs"]["obs"][:, -1:, 8:10]
-    ).norm(dim=-1)
+    to_target = (
+        lambda batch: (  # noqa: E731
+            batch["action"] - batch["obs"]["obs"][:, -1:, 8:10]
+        ).norm(dim=-1)
+    )
     torch.testing.assert_close(to_target(b), to_target(a), atol=1e-5, rtol=0)
     # Validation windows are as recorded; the normalizer covers the moved scenes.
     val_plain, val_moved = plain.get_validation_dataset(), moved.get_validation_dataset()
