@@ -104,15 +104,13 @@ class BlockPushLowdimDataset(SequenceDataset):
         obs = torch.from_numpy(data[OBS])[:, None]  # (N, 1, 16)
         action = torch.from_numpy(data[ACTION])[:, None]  # (N, 1, 2)
         all_obs, all_actions = [data[OBS]], [data[ACTION]]
+        centre = torch.tensor(WORKSPACE_CENTER, dtype=action.dtype)
         for _ in range(4):
-            moved_obs, _ = move_scene(obs, action, *self._moves(len(obs), g))
-            angle, shift = self._moves(len(action), g)
+            angle, shift = self._moves(len(obs), g)
+            moved_obs, moved = move_scene(obs, action, angle, shift)
             if action_origin:  # offsets turn with the scene (about the centre) and do not shift
-                centre = torch.tensor(WORKSPACE_CENTER, dtype=action.dtype)
                 _, moved = move_scene(obs, action + centre, angle, torch.zeros_like(shift))
                 moved = moved - centre
-            else:
-                _, moved = move_scene(obs, action, angle, shift)
             all_obs.append(moved_obs[:, 0].numpy())
             all_actions.append(moved[:, 0].numpy())
         return {**data, OBS: np.concatenate(all_obs), ACTION: np.concatenate(all_actions)}

@@ -42,7 +42,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffusion_policy.data.keys import ACTION
 from diffusion_policy.policies.diffusion_policy import DiffusionPolicy
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -275,10 +274,10 @@ class DenoisingChain(nn.Module):
                 log_probs.append(self._log_density(x_prev, mean, std))
             x = x_prev
         samples.append(x)
-        final = x.clamp(-self.clip, self.clip) if self.clip is not None else x
-        action = policy.normalizer.unnormalize_key(ACTION, final)  # (B, T, Da)
+        # The policy's own clip, un-normalization and origin: the actions its sampler would give.
+        action = policy.actions_from_sample(x, offset)["action_pred"]  # (B, T, Da)
         return ChainSample(
-            action=action if offset is None else action + offset,
+            action=action,
             samples=torch.stack(samples, 1),  # (B, K + 1, T, Da)
             log_probs=torch.stack(log_probs, 1) if log_probs else cond.new_zeros(B, 0),  # (B, K)
         )
