@@ -1,7 +1,7 @@
 """Generates the BlockPush demonstrations with the scripted oracle (successful episodes only).
 
-Usage: python scripts/generate_blockpush.py [--n-episodes 1000] [--seed 0] [--exec-noise 0]
-       [--dest data/blockpush/blockpush_oracle.zarr]
+Usage: python scripts/generate_blockpush.py [--layout paper] [--n-episodes 1000] [--seed 0]
+       [--exec-noise 0] [--dest data/blockpush/blockpush_<layout>.zarr]
 
 Prints the oracle's success rate over the seeds tried, the time taken and the demos' mode
 fractions (which block first x which zone block 0 goes to).
@@ -14,7 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
-from diffusion_policy.data.blockpush_dataset import DEFAULT_BLOCKPUSH_PATH
+from diffusion_policy.data.blockpush_dataset import blockpush_store_path
+from diffusion_policy.envs.blockpush_env import LAYOUTS
 from diffusion_policy.envs.blockpush_oracle import generate_blockpush
 from diffusion_policy.envs.blockpush_scoring import demo_mode_fractions
 
@@ -26,8 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dest",
         type=Path,
-        default=REPO_ROOT / DEFAULT_BLOCKPUSH_PATH,
-        help="the .zarr store to write (replaced if present; default: %(default)s)",
+        default=None,
+        help="the .zarr store to write (replaced if present; default: "
+        "data/blockpush/blockpush_<layout>.zarr)",
+    )
+    parser.add_argument(
+        "--layout", choices=LAYOUTS, default="paper", help="initial poses (default: %(default)s)"
     )
     parser.add_argument("--n-episodes", type=int, default=1000, help="successful episodes")
     parser.add_argument("--seed", type=int, default=0, help="first episode seed")
@@ -46,19 +51,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --exec-noise={args.exec_noise} must be >= 0", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    dest = args.dest or REPO_ROOT / blockpush_store_path(args.layout)
     stats = generate_blockpush(
-        args.dest,
+        dest,
         n_episodes=args.n_episodes,
         seed=args.seed,
         progress=not args.no_progress,
         exec_noise=args.exec_noise,
+        layout=args.layout,
     )
     print(
-        f"wrote {stats['n_episodes']} episodes ({stats['n_steps']} steps) to {args.dest} in "
+        f"wrote {stats['n_episodes']} episodes ({stats['n_steps']} steps) to {dest} in "
         f"{stats['seconds']:.1f}s; oracle success {stats['oracle_success_rate']:.3f} "
         f"over {stats['n_tried']} seeds"
     )
-    for key, value in demo_mode_fractions(args.dest).items():
+    for key, value in demo_mode_fractions(dest).items():
         print(f"{key}: {value:.3f}")
     return 0
 

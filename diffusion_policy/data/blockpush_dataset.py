@@ -14,7 +14,14 @@ from diffusion_policy.data.keys import ACTION, OBS
 from diffusion_policy.data.sequence_dataset import Field, SequenceDataset
 from diffusion_policy.envs.blockpush_actions import WORKSPACE_CENTER, absolute_actions, move_scene
 
-DEFAULT_BLOCKPUSH_PATH = Path("data") / "blockpush" / "blockpush_oracle.zarr"
+
+
+def blockpush_store_path(layout: str = "paper") -> Path:
+    """Where the oracle's store for ``layout`` lives by default (relative to the project)."""
+    return Path("data") / "blockpush" / f"blockpush_{layout}.zarr"
+
+
+DEFAULT_BLOCKPUSH_PATH = blockpush_store_path()
 
 
 class BlockPushLowdimDataset(SequenceDataset):
@@ -24,7 +31,8 @@ class BlockPushLowdimDataset(SequenceDataset):
     ``"obs"``, the one the rollout runner gives a non-dict observation. Actions are the stored
     relative moves (dx, dy), or with ``abs_action`` the effector targets they set (x, y), for an
     env built with ``abs_action``. A store that is absent is generated first with the scripted
-    oracle (``generate_episodes`` episodes from seed ``generate_seed``; minutes for 1,000).
+    oracle (``generate_episodes`` episodes from seed ``generate_seed`` on the env's ``layout``,
+    "paper" or "wide"; minutes for 1,000).
 
     With ``augment_angle_deg`` or ``augment_shift`` (``abs_action`` only), every training window
     is drawn rotated about the workspace centre by up to that angle and shifted by up to that
@@ -41,6 +49,7 @@ class BlockPushLowdimDataset(SequenceDataset):
         zarr_path: str = str(DEFAULT_BLOCKPUSH_PATH),
         generate_episodes: int = 1000,
         generate_seed: int = 0,
+        layout: str = "paper",
         abs_action: bool = False,
         augment_angle_deg: float = 0.0,
         augment_shift: float = 0.0,
@@ -58,6 +67,7 @@ class BlockPushLowdimDataset(SequenceDataset):
             )
         self.generate_episodes = generate_episodes
         self.generate_seed = generate_seed
+        self.layout = layout
         self.abs_action = abs_action
         self.augment_angle = math.radians(augment_angle_deg)
         self.augment_shift = augment_shift
@@ -128,6 +138,9 @@ class BlockPushLowdimDataset(SequenceDataset):
             from diffusion_policy.envs.blockpush_oracle import ensure_blockpush_dataset
 
             ensure_blockpush_dataset(
-                zarr_path, n_episodes=self.generate_episodes, seed=self.generate_seed
+                zarr_path,
+                n_episodes=self.generate_episodes,
+                seed=self.generate_seed,
+                layout=self.layout,
             )
         return zarr_path

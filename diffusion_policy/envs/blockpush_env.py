@@ -61,14 +61,25 @@ PUSHER_RADIUS = 0.0125
 PUSHER_LENGTH = 0.05
 EFFECTOR_HEIGHT = 0.06  # the flange; the cylinder hangs from it down to 1 cm above the table
 PUSHER_MAX_FORCE = 20.0  # newtons the constraint may use to drag the pusher to its target
-EFFECTOR_START = (0.2, 0.0)
 
-# Initial layout: blocks in a near band, zones in a far band, kept apart so the task is well-posed.
+# Initial layouts (``layout=``). "paper": the paper's (Implicit BC's multimodal BlockPush): both
+# blocks, any yaw, in a 20 x 30 cm region on the near side of the table, at least PAPER_BLOCK_DX
+# apart in x; the two zones side by side on the far side, their left/right order drawn, each
+# jittered by millimetres; the effector starts beside the blocks.
+PAPER_BLOCK_X, PAPER_BLOCK_Y = (0.3, 0.5), (-0.35, -0.05)
+PAPER_BLOCK_DX = 0.1
+PAPER_ZONE_X, PAPER_ZONE_Y = (0.28, 0.52), 0.2
+PAPER_ZONE_JITTER = (0.005, 0.0075)  # x, y
+PAPER_ZONE_YAW = math.pi / 30  # zone yaws within +-6 degrees
+# "wide" (ours, harder): blocks in a near band and zones in a far band, 60 cm wide, any yaws,
+# kept apart so the task is well-posed.
 BLOCK_X, BLOCK_Y = (0.3, 0.42), (-0.3, 0.3)
 ZONE_X, ZONE_Y = (0.52, 0.64), (-0.3, 0.3)
 MIN_BLOCK_GAP = 0.15  # between the blocks' centres
 MIN_ZONE_GAP = 0.22  # between the zones' centres
 MIN_BLOCK_ZONE_GAP = 0.14  # between any block and any zone
+EFFECTOR_START = {"paper": (0.3, -0.4), "wide": (0.2, 0.0)}
+LAYOUTS = tuple(EFFECTOR_START)
 
 BLOCK_COLORS = ((0.85, 0.15, 0.15, 1.0), (0.15, 0.3, 0.85, 1.0))
 ZONE_COLORS = ((0.95, 0.85, 0.3, 1.0), (0.4, 0.85, 0.4, 1.0))
@@ -87,27 +98,65 @@ def wrap_angle(angle: float) -> float:
     return (angle + math.pi) % (2 * math.pi) - math.pi
 
 
-def sample_layout(rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Draws block and zone poses, apart as the ``MIN_*_GAP`` constants say (rejection sampling).
+def check_layout(layout: str) -> str:
+    """``layout`` if it names one of :data:`LAYOUTS`, else a ValueError that lists them."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown BlockPush layout {layout!r}; choose one of {list(LAYOUTS)}")
+    return layout
+
+
+def sample_layout(rng: np.random.Generator, layout: str = "paper") -> dict[str, np.ndarray]:
+    """Draws block and zone poses for ``layout`` ("paper" or "wide", see :data:`LAYOUTS`).
 
     Returns:
         ``{"blocks": (2, 3), "zones": (2, 3)}`` x, y, yaw.
     """
+    sample = _paper_layout if check_layout(layout) == "paper" else _wide_layout
     for _ in range(10_000):
-        blocks = np.stack([rng.uniform(*BLOCK_X, 2), rng.uniform(*BLOCK_Y, 2)], axis=1)  # (2, 2)
-        zones = np.stack([rng.uniform(*ZONE_X, 2), rng.uniform(*ZONE_Y, 2)], axis=1)  # (2, 2)
-        yaws = rng.uniform(-math.pi, math.pi, 4)  # (4,)
-        gaps = np.linalg.norm(blocks[:, None] - zones[None], axis=-1)  # (2, 2)
-        if (
-            np.linalg.norm(blocks[0] - blocks[1]) >= MIN_BLOCK_GAP
-            and np.linalg.norm(zones[0] - zones[1]) >= MIN_ZONE_GAP
-            and gaps.min() >= MIN_BLOCK_ZONE_GAP
-        ):
-            return {
-                "blocks": np.concatenate([blocks, yaws[:2, None]], axis=1),
-                "zones": np.concatenate([zones, yaws[2:, None]], axis=1),
-            }
+        found = sample(rng)
+        if found is not None:
+            blocks, zones = found
+            return {"blocks": blocks, "zones": zones}
     raise RuntimeError("could not sample a BlockPush layout in 10000 draws; check the ranges")
+
+
+def _paper_layout(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | None:
+    """One draw of the paper's layout, or None when the blocks are too close in x."""
+    blocks = np.stack(
+        [rng.uniform(*PAPER_BLOCK_X, 2), rng.uniform(*PAPER_BLOCK_Y, 2), rng.uniform(-math.pi, math.pi, 2)],
+        axis=1,
+    )  # (2, 3)
+    if abs(blocks[0, 0] - blocks[1, 0]) < PAPER_BLOCK_DX:
+        return None
+    order = list(PAPER_ZONE_X) if rng.random() < 0.5 else list(PAPER_ZONE_X)[::-1]
+    jx, jy = PAPER_ZONE_JITTER
+    zones = np.stack(
+        [
+            np.array(order) + rng.uniform(-jx, jx, 2),
+            PAPER_ZONE_Y + rng.uniform(-jy, jy, 2),
+            rng.uniform(-PAPER_ZONE_YAW, PAPER_ZONE_YAW, 2),
+        ],
+        axis=1,
+    )  # (2, 3)
+    return blocks, zones
+
+
+def _wide_layout(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | None:
+    """One draw of the wide layout, or None when it breaks one of the ``MIN_*_GAP``."""
+    blocks = np.stack([rng.uniform(*BLOCK_X, 2), rng.uniform(*BLOCK_Y, 2)], axis=1)  # (2, 2)
+    zones = np.stack([rng.uniform(*ZONE_X, 2), rng.uniform(*ZONE_Y, 2)], axis=1)  # (2, 2)
+    yaws = rng.uniform(-math.pi, math.pi, 4)  # (4,)
+    gaps = np.linalg.norm(blocks[:, None] - zones[None], axis=-1)  # (2, 2)
+    if (
+        np.linalg.norm(blocks[0] - blocks[1]) < MIN_BLOCK_GAP
+        or np.linalg.norm(zones[0] - zones[1]) < MIN_ZONE_GAP
+        or gaps.min() < MIN_BLOCK_ZONE_GAP
+    ):
+        return None
+    return (
+        np.concatenate([blocks, yaws[:2, None]], axis=1),
+        np.concatenate([zones, yaws[2:, None]], axis=1),
+    )
 
 
 class BlockPushEnv(gym.Env):
@@ -123,16 +172,22 @@ class BlockPushEnv(gym.Env):
         render_size: Side in pixels of the frames :meth:`render` returns (TinyRenderer).
         abs_action: Actions are the next target (x, y) rather than a move (dx, dy); the target
             still moves at most ``MAX_MOVE`` per step and stays in the workspace.
+        layout: How initial poses are drawn: "paper" (the paper's) or "wide" (see
+            :data:`LAYOUTS` and :func:`sample_layout`).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": CONTROL_HZ}
 
-    def __init__(self, render_size: int = 96, abs_action: bool = False) -> None:
+    def __init__(
+        self, render_size: int = 96, abs_action: bool = False, layout: str = "paper"
+    ) -> None:
         if render_size < 1:
             raise ValueError(f"render_size={render_size} must be positive")
         self.render_mode = "rgb_array"
         self.render_size = render_size
         self.abs_action = abs_action
+        self.layout_name = check_layout(layout)
+        self._start = np.array(EFFECTOR_START[layout], dtype=np.float64)
         self.observation_space = spaces.Box(-np.inf, np.inf, shape=(OBS_DIM,), dtype=np.float32)
         if abs_action:
             low, high = [WORKSPACE_X[0], WORKSPACE_Y[0]], [WORKSPACE_X[1], WORKSPACE_Y[1]]
@@ -141,7 +196,7 @@ class BlockPushEnv(gym.Env):
             self.action_space = spaces.Box(-MAX_MOVE, MAX_MOVE, shape=(2,), dtype=np.float32)
         self._client = pb.connect(pb.DIRECT)
         self._layout: dict[str, np.ndarray] | None = None
-        self._target = np.array(EFFECTOR_START, dtype=np.float64)
+        self._target = self._start.copy()
         self._first_block = -1
         self._first_zone = -1
 
@@ -151,9 +206,9 @@ class BlockPushEnv(gym.Env):
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """Starts an episode with a layout drawn from ``seed`` (or the env's generator)."""
         super().reset(seed=seed)
-        self._layout = sample_layout(self.np_random)
+        self._layout = sample_layout(self.np_random, self.layout_name)
         self._build_world(self._layout)
-        self._target = np.array(EFFECTOR_START, dtype=np.float64)
+        self._target = self._start.copy()
         self._first_block, self._first_zone = -1, -1
         self._follow_with_arm()
         return self._obs(), self._info(self._block_zones())
@@ -308,7 +363,7 @@ class BlockPushEnv(gym.Env):
             rgbaColor=(0.2, 0.2, 0.2, 1.0),
             physicsClientId=c,
         )
-        start = [*EFFECTOR_START, self._pusher_z]
+        start = [*self._start, self._pusher_z]
         self._pusher = pb.createMultiBody(0.5, shape, look, basePosition=start, physicsClientId=c)
         pb.changeDynamics(self._pusher, -1, lateralFriction=0.2, physicsClientId=c)
         self._grip = pb.createConstraint(
@@ -361,7 +416,10 @@ class BlockPushEnv(gym.Env):
 
 
 def make_blockpush_env(
-    render_size: int = 96, max_episode_steps: int | None = None, abs_action: bool = False
+    render_size: int = 96,
+    max_episode_steps: int | None = None,
+    abs_action: bool = False,
+    layout: str = "paper",
 ) -> gym.Env:
     """Builds a :class:`BlockPushEnv`; picklable arguments, so usable as a vector-env factory.
 
@@ -369,8 +427,9 @@ def make_blockpush_env(
         render_size: Side in pixels of :meth:`BlockPushEnv.render` frames.
         max_episode_steps: Truncate episodes after this many steps (TimeLimit) if given.
         abs_action: Actions are next targets (x, y) rather than moves.
+        layout: "paper" or "wide" initial poses.
     """
-    env: gym.Env = BlockPushEnv(render_size=render_size, abs_action=abs_action)
+    env: gym.Env = BlockPushEnv(render_size=render_size, abs_action=abs_action, layout=layout)
     if max_episode_steps is not None:
         env = gym.wrappers.TimeLimit(env, max_episode_steps=max_episode_steps)
     return env

@@ -214,6 +214,7 @@ def generate_blockpush(
     seed: int = 0,
     progress: bool = True,
     exec_noise: float = 0.0,
+    layout: str = "paper",
 ) -> dict[str, float]:
     """Writes ``n_episodes`` successful oracle episodes to a zarr store (atomically).
 
@@ -225,7 +226,8 @@ def generate_blockpush(
     ``data/zone_of_block0`` (T,) int8.
 
     ``exec_noise`` perturbs the executed moves, not the recorded ones (see
-    :func:`run_oracle_episode`).
+    :func:`run_oracle_episode`). ``layout`` is the env's initial poses (``"paper"`` or
+    ``"wide"``).
 
     Returns:
         ``{"n_episodes", "n_tried", "oracle_success_rate", "seconds", "n_steps"}``.
@@ -234,7 +236,7 @@ def generate_blockpush(
         raise ValueError(f"n_episodes={n_episodes} must be >= 1")
     if exec_noise < 0:
         raise ValueError(f"exec_noise={exec_noise} must be >= 0")
-    env = BlockPushEnv()
+    env = BlockPushEnv(layout=layout)
     buffer = ReplayBuffer.create_empty()
     tried = 0
     tic = time.perf_counter()
@@ -269,11 +271,19 @@ def generate_blockpush(
 
 
 def ensure_blockpush_dataset(
-    path: str | Path = DEFAULT_BLOCKPUSH_PATH, n_episodes: int = 1000, seed: int = 0
+    path: str | Path = DEFAULT_BLOCKPUSH_PATH,
+    n_episodes: int = 1000,
+    seed: int = 0,
+    layout: str = "paper",
 ) -> Path:
     """Returns the BlockPush store at ``path``, generating it with the oracle if absent."""
     path = Path(path).expanduser()
     if not path.exists():
-        log.info("no BlockPush store at %s: generating %d oracle episodes", path, n_episodes)
-        generate_blockpush(path, n_episodes=n_episodes, seed=seed)
+        log.info(
+            "no BlockPush store at %s: generating %d oracle episodes (%s layout)",
+            path,
+            n_episodes,
+            layout,
+        )
+        generate_blockpush(path, n_episodes=n_episodes, seed=seed, layout=layout)
     return path

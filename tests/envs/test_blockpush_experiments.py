@@ -60,7 +60,11 @@ def test_paper_settings():
     assert cfg.noise_scheduler._target_ == "diffusers.DDPMScheduler"
     assert (cfg.horizon, cfg.n_obs_steps, cfg.n_action_steps) == (16, 2, 8)
     assert (cfg.dataset.val_ratio, cfg.dataset.seed) == (0.02, 42)
-    assert cfg.dataset.zarr_path == "data/blockpush/blockpush_oracle.zarr"
+    assert cfg.dataset.zarr_path == "data/blockpush/blockpush_paper.zarr"
+    assert cfg.dataset.layout == cfg.env_runner.layout == "paper"
+    wide = _compose(["+experiment=blockpush_lowdim", "dataset.layout=wide"])
+    assert wide.dataset.zarr_path == "data/blockpush/blockpush_wide.zarr"
+    assert wide.env_runner.layout == "wide"
     assert (cfg.env_runner.n_test, cfg.env_runner.n_train) == (50, 6)
     cpu = _compose(["+experiment=blockpush_lowdim_cpu"])
     assert (cpu.trainer.max_minutes, cpu.trainer.batch_size) == (60, 64)
@@ -75,9 +79,13 @@ def test_runner_envs_take_the_datasets_action_space(store, tmp_path):
     cfg = _compose(["+experiment=blockpush_lowdim_cpu", f"dataset.zarr_path={store}"])
     runner = instantiate(cfg.env_runner, output_dir=str(tmp_path))
     env = runner.env_fn()
-    assert env.unwrapped.abs_action
+    assert env.unwrapped.abs_action and env.unwrapped.layout_name == "paper"
     assert env.action_space.low[0] == 0.15 and env.action_space.high[0] == 0.7
     env.close()
+    cfg = _compose(["+experiment=blockpush_lowdim_cpu", "dataset.layout=wide"])
+    wide = instantiate(cfg.env_runner, output_dir=str(tmp_path)).env_fn()
+    assert wide.unwrapped.layout_name == "wide"
+    wide.close()
 
 
 @pytest.mark.slow  # 9-18 s on 2 shared cores

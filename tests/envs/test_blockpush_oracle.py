@@ -20,13 +20,19 @@ def _success_rate(env: BlockPushEnv, seeds: range) -> float:
     return float(np.mean([run_oracle_episode(env, s).success for s in seeds]))
 
 
-def test_oracle_succeeds_on_10_seeds(env):
+@pytest.mark.parametrize("layout", ["paper", "wide"])
+def test_oracle_succeeds_on_10_seeds(layout):
+    env = BlockPushEnv(layout=layout)
     assert _success_rate(env, range(1000, 1010)) == 1.0
+    env.close()
 
 
 @pytest.mark.slow
-def test_oracle_p2_on_200_seeds_is_at_least_95_percent(env):
+@pytest.mark.parametrize("layout", ["paper", "wide"])
+def test_oracle_p2_on_200_seeds_is_at_least_95_percent(layout):
+    env = BlockPushEnv(layout=layout)
     assert _success_rate(env, range(200)) >= 0.95
+    env.close()
 
 
 def test_oracle_episode_is_deterministic_and_draws_every_mode(env):
