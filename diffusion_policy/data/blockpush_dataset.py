@@ -15,7 +15,6 @@ from diffusion_policy.data.sequence_dataset import Field, SequenceDataset
 from diffusion_policy.envs.blockpush_actions import WORKSPACE_CENTER, absolute_actions, move_scene
 
 
-
 def blockpush_store_path(layout: str = "paper") -> Path:
     """Where the oracle's store for ``layout`` lives by default (relative to the project)."""
     return Path("data") / "blockpush" / f"blockpush_{layout}.zarr"

@@ -122,10 +122,8 @@ def sample_layout(rng: np.random.Generator, layout: str = "paper") -> dict[str, 
 
 def _paper_layout(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | None:
     """One draw of the paper's layout, or None when the blocks are too close in x."""
-    blocks = np.stack(
-        [rng.uniform(*PAPER_BLOCK_X, 2), rng.uniform(*PAPER_BLOCK_Y, 2), rng.uniform(-math.pi, math.pi, 2)],
-        axis=1,
-    )  # (2, 3)
+    xs, ys = rng.uniform(*PAPER_BLOCK_X, 2), rng.uniform(*PAPER_BLOCK_Y, 2)
+    blocks = np.stack([xs, ys, rng.uniform(-math.pi, math.pi, 2)], axis=1)  # (2, 3)
     if abs(blocks[0, 0] - blocks[1, 0]) < PAPER_BLOCK_DX:
         return None
     order = list(PAPER_ZONE_X) if rng.random() < 0.5 else list(PAPER_ZONE_X)[::-1]
