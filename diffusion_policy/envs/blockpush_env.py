@@ -113,14 +113,12 @@ def sample_layout(rng: np.random.Generator, layout: str = "paper") -> dict[str, 
     """
     sample = _paper_layout if check_layout(layout) == "paper" else _wide_layout
     for _ in range(10_000):
-        found = sample(rng)
-        if found is not None:
-            blocks, zones = found
-            return {"blocks": blocks, "zones": zones}
+        if (found := sample(rng)) is not None:
+            return found
     raise RuntimeError("could not sample a BlockPush layout in 10000 draws; check the ranges")
 
 
-def _paper_layout(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | None:
+def _paper_layout(rng: np.random.Generator) -> dict[str, np.ndarray] | None:
     """One draw of the paper's layout, or None when the blocks are too close in x."""
     xs, ys = rng.uniform(*PAPER_BLOCK_X, 2), rng.uniform(*PAPER_BLOCK_Y, 2)
     blocks = np.stack([xs, ys, rng.uniform(-math.pi, math.pi, 2)], axis=1)  # (2, 3)
@@ -136,10 +134,10 @@ def _paper_layout(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | N
         ],
         axis=1,
     )  # (2, 3)
-    return blocks, zones
+    return {"blocks": blocks, "zones": zones}
 
 
-def _wide_layout(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | None:
+def _wide_layout(rng: np.random.Generator) -> dict[str, np.ndarray] | None:
     """One draw of the wide layout, or None when it breaks one of the ``MIN_*_GAP``."""
     blocks = np.stack([rng.uniform(*BLOCK_X, 2), rng.uniform(*BLOCK_Y, 2)], axis=1)  # (2, 2)
     zones = np.stack([rng.uniform(*ZONE_X, 2), rng.uniform(*ZONE_Y, 2)], axis=1)  # (2, 2)
@@ -151,10 +149,10 @@ def _wide_layout(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | No
         or gaps.min() < MIN_BLOCK_ZONE_GAP
     ):
         return None
-    return (
-        np.concatenate([blocks, yaws[:2, None]], axis=1),
-        np.concatenate([zones, yaws[2:, None]], axis=1),
-    )
+    return {
+        "blocks": np.concatenate([blocks, yaws[:2, None]], axis=1),
+        "zones": np.concatenate([zones, yaws[2:, None]], axis=1),
+    }
 
 
 class BlockPushEnv(gym.Env):
