@@ -36,6 +36,9 @@ min / median over ``--repeats`` runs after a warm-up run. Figures:
   the policy server over loopback (a server process on 127.0.0.1), p50 / p99, at the CPU
   recipe's sizes (``+experiment=pusht_lowdim_cpu``, untrained weights); the difference is the
   server's overhead.
+- ``cuda`` (where a GPU is present): ``predict_action`` at batch 1 on the GPU, the paper
+  keypoint model with DDIM 16 and the CPU recipe's model with its own sampler: eager, and
+  replayed as a CUDA graph (``compile_sampling``) with fp32 and bf16 weights.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ from diffusion_policy.utils.timing import alternating, summary, timed
 REPO = Path(__file__).resolve().parents[1]  # for configs/ and train.py
 
 EXPERIMENTS = {"keypoint": "pusht_lowdim", "image": "pusht"}
-PARTS = ("step", "loader", "latency", "reference", "rollout", "blockpush", "rss", "server")
+PARTS = ("step", "loader", "latency", "reference", "rollout", "blockpush", "rss", "server", "cuda")
 SAMPLERS = (("ddpm", 100), ("ddim", 16), ("dpmsolver", 4))
 QUICK = ["+debug=fast"]  # tiny models and runs
 
@@ -274,6 +277,40 @@ def bench_recipe_latency(overrides: list[str], repeats: int) -> dict[str, Any]:
     return out
 
 
+def bench_cuda_latency(overrides: list[str], repeats: int) -> dict[str, Any]:
+    """``predict_action`` seconds at batch 1 on the GPU: the paper keypoint model with DDIM 16
+    and the CPU recipe's model with its own sampler, eager and replayed as a CUDA graph
+    (``compile_sampling``, as ``serve.py compile=true`` deploys it), with fp32 and bf16
+    weights. Each time includes waiting for the GPU to finish."""
+    out: dict[str, Any] = {}
+    for kind, experiment, sampler in (
+        ("keypoint", EXPERIMENTS["keypoint"], ("ddim", 16)),
+        ("recipe", "pusht_lowdim_cpu", None),
+    ):
+        cfg = compose_cfg(experiment, overrides)
+        dataset = instantiate(cfg.dataset)
+        policy = fitted_policy(cfg, dataset).eval().cuda()
+        if sampler is not None:
+            name, steps = sampler
+            config = OmegaConf.load(REPO / "configs" / "noise_scheduler" / f"{name}.yaml")
+            config.num_train_timesteps = cfg.noise_scheduler.num_train_timesteps
+            policy.set_sampler(instantiate(config), min(steps, config.num_train_timesteps))
+        name = type(policy.noise_scheduler).__name__.removesuffix("Scheduler").lower()
+        setting = f"{kind}_{name}_{policy.num_inference_steps}"
+        obs = {k: v.cuda() for k, v in dataset.get_batch([0])["obs"].items()}
+
+        def predict(policy: Any = policy, obs: Any = obs) -> None:
+            policy.predict_action(obs)
+            torch.cuda.synchronize()
+
+        out[setting] = summary(timed(predict, repeats, warmup=3))
+        for precision in ("fp32", "bf16"):
+            policy.set_inference_precision(precision)
+            policy.compile_sampling()
+            out[f"{setting}_graph_{precision}"] = summary(timed(predict, repeats, warmup=3))
+    return out
+
+
 def setting_label(setting: str) -> str:
     """``dpmsolver_4_compiled_1threads`` -> ``dpmsolver 4 steps, compiled, 1 threads (auto)``;
     ``onnx``: ONNX Runtime."""
@@ -468,7 +505,8 @@ def main() -> None:
         },
     }
     rows: list[tuple[str, str]] = []
-    for kind, experiment in EXPERIMENTS.items():
+    per_experiment = {"step", "loader", "latency", "rollout"} & set(args.only)
+    for kind, experiment in EXPERIMENTS.items() if per_experiment else ():
         cfg = compose_cfg(experiment, overrides)
         dataset = instantiate(cfg.dataset)
         res = results[kind] = {}
@@ -552,6 +590,18 @@ def main() -> None:
                 f"(in-process {r['in_process_added_ms']['p50']:.2f} ms at p50)",
             )
         )
+    if "cuda" in args.only and torch.cuda.is_available():
+        results["cuda"] = {"device": torch.cuda.get_device_name()}
+        results["cuda"]["latency"] = lat = bench_cuda_latency(overrides, 5 * args.repeats)
+        for setting, s in lat.items():
+            kind, name, steps, *rest = setting.split("_")
+            label = f"{name} {steps} steps" + ("" if not rest else f", CUDA graph, {rest[1]}")
+            rows.append(
+                (
+                    f"{kind} predict_action on {results['cuda']['device']}, batch 1, {label}",
+                    f"{1000 * s['min']:.2f} / {1000 * s['median']:.2f} ms",
+                )
+            )
     if "rss" in args.only:
         results["image"]["peak_rss_gib"] = rss = bench_rss(overrides)
         rows.append(("image training peak RSS", f"{rss:.2f} GiB"))

@@ -159,5 +159,8 @@ class DiffusionTransformer(nn.Module):
             memory=memory,
             tgt_mask=self.self_mask,
             memory_mask=self.cross_mask,
+            # Said rather than detected: torch's check compares the mask on the host each call
+            # (a GPU sync, which a CUDA graph capture refuses).
+            tgt_is_causal=self.self_mask is not None,
         )
         return self.head(self.ln_f(x))  # (B, T, Da)

@@ -13,6 +13,7 @@ from torch import nn
 from diffusion_policy.data.action_origin import parse_action_origin
 from diffusion_policy.data.keys import ACTION, LOW_DIM, OBS
 from diffusion_policy.data.normalizer import LinearNormalizer
+from diffusion_policy.policies.cuda_graph import GraphedSampler
 from diffusion_policy.policies.sampler_plan import SamplerPlan, plan_sampler, takes_generator
 from diffusion_policy.training.precision import resolve_precision
 from diffusion_policy.utils.checks import check_window
@@ -278,10 +279,18 @@ class DiffusionPolicy(nn.Module):
         With a :class:`SamplerPlan` the whole denoising loop becomes one graph, the denoiser's
         calls and the solver's arithmetic included (the fastest at batch 1, but the compile
         takes minutes: every step's denoiser is compiled); otherwise, or with
-        ``whole_loop=False``, the denoiser alone is compiled (once for all steps).
+        ``whole_loop=False``, the denoiser alone is compiled (once for all steps). On a GPU the
+        denoiser is compiled and the whole loop captured as a CUDA graph
+        (:class:`GraphedSampler`; seconds to a minute): there batch-1 sampling waits on kernel
+        launches, which a replay removes. Call it again after moving the policy or changing
+        its precision.
         """
         if whole_loop and self._planned():
-            self._compiled_sample = torch.compile(self.sample_with_plan, dynamic=False)
+            if next(self.denoiser.parameters()).is_cuda:
+                self.denoiser.compile(dynamic=False)
+                self._compiled_sample = GraphedSampler(self.sample_with_plan, self.sampler_plan)
+            else:
+                self._compiled_sample = torch.compile(self.sample_with_plan, dynamic=False)
         else:
             self.denoiser.compile(dynamic=False)
 
@@ -308,10 +317,21 @@ class DiffusionPolicy(nn.Module):
         plan = self.sampler_plan()
         if plan is None:
             raise ValueError(f"{type(self.noise_scheduler).__name__} has no sampler plan")
-        timesteps = torch.tensor(plan.timesteps, device=cond.device)  # (S,)
+        timesteps = self._plan_timesteps(plan, cond.device)  # (S,)
         cond = cond.to(self.inference_dtype)
         films = self._film_conditions(timesteps, cond)  # S x (B, film_dim), or S x None
         return plan.run(lambda x, i: self._denoise(x, timesteps[i], cond, films[i]), noise)
+
+    def _plan_timesteps(self, plan: SamplerPlan, device: torch.device) -> torch.Tensor:
+        """The plan's timesteps (S,) on ``device``, made once: a copy from the host inside the
+        loop would synchronize it, which a CUDA graph capture refuses."""
+        if torch.compiler.is_compiling():  # a constant of the compiled graph
+            return torch.tensor(plan.timesteps, device=device)
+        cached = getattr(self, "_plan_timesteps_cache", None)
+        if cached is None or cached[0] is not plan or cached[1] != device:
+            cached = (plan, device, torch.tensor(plan.timesteps, device=device))
+            self._plan_timesteps_cache = cached
+        return cached[2]
 
     def _denoise(
         self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, film: torch.Tensor | None
