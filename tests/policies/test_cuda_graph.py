@@ -10,7 +10,6 @@ from diffusion_policy.policies.cuda_graph import GraphedSampler
 from tests.policies.test_diffusion_policy import make_batch
 from tests.policies.test_schedulers import compose_cfg, fitted_policy
 
-
 # The graph runs the compiled denoiser: other kernels, the same samples up to round-off.
 CLOSE = {"atol": 5e-4, "rtol": 5e-4}
 
