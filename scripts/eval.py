@@ -86,6 +86,7 @@ def main(cfg: DictConfig) -> None:
         "checkpoint": str(checkpoint),
         "noise_scheduler": type(policy.noise_scheduler).__name__,
         "num_inference_steps": policy.num_inference_steps,
+        "n_action_steps": runner.n_action_steps,
         **summary,
         "per_episode": result.get("per_episode", []),
         "videos": [str(v) for v in result.get("videos", [])],

@@ -79,13 +79,14 @@ def test_cli_train_then_eval(pusht_zarr_path, tmp_path):
     ckpt = run / "checkpoints" / "latest.ckpt"
     out = subprocess.run(
         [sys.executable, "scripts/eval.py", f"checkpoint={ckpt}", "runner.n_test=2",
-         "runner.n_train=0", "runner.max_steps=8", "num_inference_steps=3"],
+         "runner.n_train=0", "runner.max_steps=8", "num_inference_steps=3",
+         "runner.n_action_steps=4"],
         cwd=REPO, env=env, check=True, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert "test/mean_score" in out.stdout
     report = json.loads((run / "eval" / "latest" / "eval_results.json").read_text())
     assert [e["seed"] for e in report["per_episode"]] == [100000, 100001]
-    assert report["num_inference_steps"] == 3
+    assert report["num_inference_steps"] == 3 and report["n_action_steps"] == 4
 
 
 def test_cli_missing_dataset_is_one_line(tmp_path):
