@@ -16,8 +16,12 @@ from diffusion_policy.envs.blockpush_actions import WORKSPACE_CENTER, absolute_a
 
 
 def blockpush_store_path(layout: str = "paper") -> Path:
-    """Where the oracle's store for ``layout`` lives by default (relative to the project)."""
-    return Path("data") / "blockpush" / f"blockpush_{layout}.zarr"
+    """Where the oracle's store for ``layout`` lives by default (relative to the project).
+
+    ``_v2``: demonstrations of the oracle that turns blocks face-on before pushing; stores of the
+    earlier oracle (``blockpush_<layout>.zarr``) are not read.
+    """
+    return Path("data") / "blockpush" / f"blockpush_{layout}_v2.zarr"
 
 
 DEFAULT_BLOCKPUSH_PATH = blockpush_store_path()

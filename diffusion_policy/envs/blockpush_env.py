@@ -88,6 +88,7 @@ ZONE_SIDE = 0.1  # the marker's side (a square, for looks: "in" is the 5 cm radi
 OBS_DIM = 16
 # Observation indices (FACTS: x at 0, 3, 6, 8, 10, 13; y at 1, 4, 7, 9, 11, 14).
 BLOCK_XY = ((0, 1), (3, 4))
+BLOCK_YAW = (2, 5)
 EFFECTOR_XY = (6, 7)
 ZONE_XY = ((10, 11), (13, 14))
 INFO_KEYS = ("block0_zone", "block1_zone", "first_block", "first_zone", "is_success")

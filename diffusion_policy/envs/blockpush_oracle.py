@@ -7,9 +7,15 @@ turn:
 1. approach: go to the pre-push point, :data:`PREPUSH_DIST` behind the block on the zone->block
    line, around the blocks (both are obstacles: the target block must not be knocked before the
    push, the placed one must stay in its zone);
-2. push: move along the block->zone line at a capped speed, aiming through the block's centre;
-   if the effector drifts off that line (the block turned or slid), go back to 1;
-3. when the block is in its zone, back off and take the next block.
+2. orient: if none of the block's faces is within :data:`ORIENT_START` of square to the
+   block->zone line, push one side of the block, slowly, to turn it until one is within
+   :data:`ORIENT_DONE`; then back to 1 (as the Implicit BC oracle does: a point pusher keeps a
+   block pushed face-on in front of it, while a block pushed at an angle turns and slips off
+   within a few steps);
+3. push: move along the block->zone line at a capped speed, aiming through the block's centre;
+   if the effector drifts off that line or the block turns past :data:`ORIENT_START`, go
+   back to 1;
+4. when the block is in its zone, back off and take the next block.
 
 Noise: each action gets Gaussian noise, and the speed cap is drawn per episode.
 """
@@ -31,6 +37,7 @@ from diffusion_policy.envs.blockpush_actions import MAX_MOVE, TARGET_XY
 from diffusion_policy.envs.blockpush_env import (
     BLOCK_SIZE,
     BLOCK_XY,
+    BLOCK_YAW,
     EFFECTOR_XY,
     MAX_EPISODE_STEPS,
     PUSHER_RADIUS,
@@ -51,6 +58,12 @@ PLACED = 0.015  # a block this close to its zone's centre is done (the env count
 APPROACH_SPEED = 0.05  # metres per step when not pushing
 SPEED_RANGE = (0.025, 0.035)  # push speed cap per step (0.25..0.35 m/s at 10 Hz)
 ACTION_NOISE = 0.002  # std of the Gaussian noise on each action, metres
+ORIENT_START = math.radians(15)  # turn the block first when its faces are this far off the push
+ORIENT_DONE = math.radians(3)  # ... until a face is this close to square
+ORIENT_RADIUS = 0.025  # orienting aims this far from the block's centre (inside its contact)
+ORIENT_TURN = 0.15  # ... at the effector's bearing from the block turned by this (radians)
+ORIENT_SPEED = 0.015  # metres per step while orienting
+NEAR_ZONE = 0.05  # a block this close to its zone is pushed in without orienting
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,16 @@ class BlockPushOracle:
         self._k = 0  # index in `order` of the block being pushed
         self._phase = "approach"
 
+    @property
+    def phase(self) -> str:
+        """What the oracle is doing: "approach", "orient", "push" or "retreat"."""
+        return self._phase
+
+    @property
+    def block(self) -> int | None:
+        """The block being placed, or None when both are."""
+        return self.order[self._k] if self._k < 2 else None
+
     def act(self, obs: np.ndarray) -> np.ndarray:
         """The (2,) action (dx, dy) for a (16,) observation."""
         obs = np.asarray(obs, dtype=np.float64)
@@ -98,6 +121,8 @@ class BlockPushOracle:
                 return np.zeros(2, dtype=np.float32)
             return self.act(obs)
         d = to_zone / np.linalg.norm(to_zone)  # (2,) block -> zone
+        error = face_error(obs[BLOCK_YAW[block]], d)  # radians from a face square to d
+        misaligned = abs(error) > ORIENT_START and np.linalg.norm(to_zone) > NEAR_ZONE
 
         if self._phase == "retreat":  # clear the block just placed before planning around it
             placed = blocks[self.order[self._k - 1]]
@@ -108,17 +133,27 @@ class BlockPushOracle:
             self._phase = "approach"
 
         prepush = b - d * PREPUSH_DIST
+        if self._phase == "orient":
+            if abs(error) < ORIENT_DONE or np.linalg.norm(to_zone) <= NEAR_ZONE:
+                self._phase = "approach"
+            else:  # push beside the centre, on the side that turns a face square to d
+                bearing = (effector - b) / max(np.linalg.norm(effector - b), 1e-6)
+                spot = b + _rotated(bearing, math.copysign(ORIENT_TURN, error)) * ORIENT_RADIUS
+                return self._noisy(_capped(spot - target, ORIENT_SPEED))
         if self._phase == "push":
             rel = effector - b
             off_line = abs(d[0] * rel[1] - d[1] * rel[0])
-            if off_line > OFF_LINE or rel @ d > 0:  # drifted, or ended up beside the block
+            # Drifted, ended up beside the block, or the block turned: start over.
+            if off_line > OFF_LINE or rel @ d > 0 or misaligned:
                 self._phase = "approach"
         if self._phase == "approach":
             if (
                 np.linalg.norm(target - prepush) < AT_POINT
                 and np.linalg.norm(effector - prepush) < 2 * AT_POINT
             ):
-                self._phase = "push"
+                self._phase = "orient" if misaligned else "push"
+                if misaligned:
+                    return self.act(obs)
             else:
                 waypoint = _detour(target, prepush, blocks)
                 return self._noisy(_capped(waypoint - target, APPROACH_SPEED))
@@ -130,6 +165,18 @@ class BlockPushOracle:
     def _noisy(self, action: np.ndarray) -> np.ndarray:
         action = action + self.rng.normal(0.0, ACTION_NOISE, 2)
         return np.clip(action, -MAX_MOVE, MAX_MOVE).astype(np.float32)
+
+
+def face_error(yaw: float, direction: np.ndarray) -> float:
+    """The angle (radians, in [-pi/4, pi/4)) from the nearest face normal of a cube at ``yaw``
+    to ``direction`` (2,): 0 when a face is square to it."""
+    angle = math.atan2(direction[1], direction[0]) - yaw
+    return (angle + math.pi / 4) % (math.pi / 2) - math.pi / 4
+
+
+def _rotated(v: np.ndarray, angle: float) -> np.ndarray:
+    c, s = math.cos(angle), math.sin(angle)
+    return np.array([c * v[0] - s * v[1], s * v[0] + c * v[1]])
 
 
 def _capped(move: np.ndarray, speed: float) -> np.ndarray:

@@ -60,10 +60,10 @@ def test_paper_settings():
     assert cfg.noise_scheduler._target_ == "diffusers.DDPMScheduler"
     assert (cfg.horizon, cfg.n_obs_steps, cfg.n_action_steps) == (16, 2, 8)
     assert (cfg.dataset.val_ratio, cfg.dataset.seed) == (0.02, 42)
-    assert cfg.dataset.zarr_path == "data/blockpush/blockpush_paper.zarr"
+    assert cfg.dataset.zarr_path == "data/blockpush/blockpush_paper_v2.zarr"
     assert cfg.dataset.layout == cfg.env_runner.layout == "paper"
     wide = _compose(["+experiment=blockpush_lowdim", "dataset.layout=wide"])
-    assert wide.dataset.zarr_path == "data/blockpush/blockpush_wide.zarr"
+    assert wide.dataset.zarr_path == "data/blockpush/blockpush_wide_v2.zarr"
     assert wide.env_runner.layout == "wide"
     assert (cfg.env_runner.n_test, cfg.env_runner.n_train) == (50, 6)
     cpu = _compose(["+experiment=blockpush_lowdim_cpu"])

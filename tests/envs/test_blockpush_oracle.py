@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
-from diffusion_policy.envs.blockpush_env import BlockPushEnv
-from diffusion_policy.envs.blockpush_oracle import BlockPushOracle, run_oracle_episode
+from diffusion_policy.envs.blockpush_env import BLOCK_XY, BLOCK_YAW, ZONE_XY, BlockPushEnv
+from diffusion_policy.envs.blockpush_oracle import (
+    NEAR_ZONE,
+    ORIENT_START,
+    BlockPushOracle,
+    face_error,
+    run_oracle_episode,
+)
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +62,37 @@ def test_exec_noise_perturbs_the_executed_moves_not_the_recorded_ones(env):
     noisy = run_oracle_episode(env, 1000, exec_noise=0.01)
     strays = np.abs(np.diff(noisy.obs[:, target], axis=0) - noisy.action[:-1]).max(axis=1)
     assert noisy.success and np.median(strays) > 0.003
+
+
+def test_face_error_is_the_angle_to_the_nearest_face_normal():
+    east, north = np.array([1.0, 0.0]), np.array([0.0, 1.0])
+    assert face_error(0.0, east) == pytest.approx(0.0)
+    assert face_error(0.0, north) == pytest.approx(0.0)  # another face
+    assert face_error(0.3, east) == pytest.approx(-0.3)
+    assert face_error(0.8, east) == pytest.approx(math.pi / 2 - 0.8)  # past 45 degrees
+    assert face_error(-math.pi, -east) == pytest.approx(0.0)
+
+
+def test_oracle_turns_blocks_and_pushes_them_face_on(env):
+    # Every push is issued with a face of the block within ORIENT_START of square to the
+    # block->zone line (unless the block is nearly in), and blocks were turned to get there.
+    errors, phases = [], set()
+    for seed in range(5):
+        obs, _ = env.reset(seed=seed)
+        oracle = BlockPushOracle(np.random.default_rng([seed, 1]))
+        for _ in range(350):
+            action = oracle.act(obs)
+            phases.add(oracle.phase)
+            block = oracle.block
+            if oracle.phase == "push" and block is not None:
+                zone = obs[list(ZONE_XY[oracle.mode.zone_of(block)])]
+                to_zone = zone - obs[list(BLOCK_XY[block])]
+                if np.linalg.norm(to_zone) > NEAR_ZONE:
+                    errors.append(abs(face_error(obs[BLOCK_YAW[block]], to_zone)))
+            obs, _, terminated, _, info = env.step(action)
+            if terminated:
+                break
+        assert info["is_success"]
+    assert "orient" in phases
+    assert max(errors) <= ORIENT_START
+    assert np.median(errors) < ORIENT_START / 2
