@@ -151,9 +151,10 @@ class BlockPushOracle:
                 np.linalg.norm(target - prepush) < AT_POINT
                 and np.linalg.norm(effector - prepush) < 2 * AT_POINT
             ):
-                self._phase = "orient" if misaligned else "push"
                 if misaligned:
+                    self._phase = "orient"
                     return self.act(obs)
+                self._phase = "push"
             else:
                 waypoint = _detour(target, prepush, blocks)
                 return self._noisy(_capped(waypoint - target, APPROACH_SPEED))
