@@ -151,19 +151,23 @@ def bench_loader(dataset: Any, batch_size: int, seconds: float = 5.0) -> float:
     return n / (time.perf_counter() - start)
 
 
+def use_sampler(policy: Any, cfg: Any, name: str, steps: int) -> int:
+    """Samples ``policy`` with ``configs/noise_scheduler/<name>.yaml`` on the trained schedule
+    of ``cfg``, at ``steps`` steps or the schedule's length if shorter; returns the steps."""
+    sampler = OmegaConf.load(REPO / "configs" / "noise_scheduler" / f"{name}.yaml")
+    sampler.num_train_timesteps = cfg.noise_scheduler.num_train_timesteps
+    steps = min(steps, sampler.num_train_timesteps)
+    policy.set_sampler(instantiate(sampler), steps)
+    return steps
+
+
 def bench_latency(cfg: Any, dataset: Any, repeats: int) -> dict[str, Any]:
     """``predict_action`` seconds at batch 1 per sampler setting."""
     policy = fitted_policy(cfg, dataset).eval()
     obs = dataset.get_batch([0])["obs"]
-    trained = OmegaConf.to_container(cfg.noise_scheduler, resolve=True)
     out = {}
     for name, steps in SAMPLERS:
-        sampler = OmegaConf.to_container(
-            OmegaConf.load(REPO / "configs" / "noise_scheduler" / f"{name}.yaml")
-        )
-        sampler["num_train_timesteps"] = trained["num_train_timesteps"]
-        steps = min(steps, trained["num_train_timesteps"])
-        policy.set_sampler(instantiate(sampler), steps)
+        steps = use_sampler(policy, cfg, name, steps)
         out[f"{name}_{steps}"] = summary(timed(lambda: policy.predict_action(obs), repeats))
     # The last sampler with the denoiser compiled (static shapes); compiling the whole loop of
     # the paper UNet takes too long for a benchmark (the CPU recipe's model below does that).
@@ -291,10 +295,7 @@ def bench_cuda_latency(overrides: list[str], repeats: int) -> dict[str, Any]:
         dataset = instantiate(cfg.dataset)
         policy = fitted_policy(cfg, dataset).eval().cuda()
         if sampler is not None:
-            name, steps = sampler
-            config = OmegaConf.load(REPO / "configs" / "noise_scheduler" / f"{name}.yaml")
-            config.num_train_timesteps = cfg.noise_scheduler.num_train_timesteps
-            policy.set_sampler(instantiate(config), min(steps, config.num_train_timesteps))
+            use_sampler(policy, cfg, *sampler)
         name = type(policy.noise_scheduler).__name__.removesuffix("Scheduler").lower()
         setting = f"{kind}_{name}_{policy.num_inference_steps}"
         obs = {k: v.cuda() for k, v in dataset.get_batch([0])["obs"].items()}
