@@ -233,9 +233,7 @@ def bench_reference(cfg: Any, dataset: Any, recipe_overrides: list[str], repeats
     del steps
 
     policy = fitted_policy(cfg, dataset).eval()
-    ddim = OmegaConf.load(REPO / "configs" / "noise_scheduler" / "ddim.yaml")
-    ddim["num_train_timesteps"] = cfg.noise_scheduler.num_train_timesteps
-    policy.set_sampler(instantiate(ddim), min(16, ddim["num_train_timesteps"]))
+    use_sampler(policy, cfg, "ddim", 16)
     obs = dataset.get_batch([0])["obs"]
     predict = {"ours": lambda: policy.predict_action(obs)}
     predict["reference"] = as_reference(policy, predict["ours"])
@@ -353,9 +351,7 @@ def bench_rollout(cfg: Any, dataset: Any, n_episodes: int) -> dict[str, Any]:
     env_steps = n / (time.perf_counter() - start)
 
     policy = fitted_policy(cfg, dataset).eval()
-    ddim = OmegaConf.load(REPO / "configs" / "noise_scheduler" / "ddim.yaml")
-    ddim.num_train_timesteps = cfg.noise_scheduler.num_train_timesteps
-    policy.set_sampler(instantiate(ddim), min(16, ddim.num_train_timesteps))
+    use_sampler(policy, cfg, "ddim", 16)
     return {"env_steps_per_s": env_steps, **timed_evaluation(cfg, policy, n_episodes)}
 
 
