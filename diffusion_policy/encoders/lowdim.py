@@ -26,6 +26,9 @@ class LowDimEncoder(nn.Module):
         keys: Observation keys to use, in this order; all low-dim keys of ``shape_meta`` if None.
         hidden_dims: Widths of the MLP's layers (the last is the feature size); None or empty
             for no MLP.
+        exclude: ``{key: [flat indices]}``, values of a key's frame the policy does not see
+            (e.g. BlockPush's commanded target, ``{obs: [8, 9]}``: with one frame the policy
+            then sees no trace of its own motion).
     """
 
     def __init__(
@@ -33,6 +36,7 @@ class LowDimEncoder(nn.Module):
         shape_meta: Mapping[str, Any],
         keys: list[str] | None = None,
         hidden_dims: list[int] | None = None,
+        exclude: Mapping[str, list[int]] | None = None,
     ) -> None:
         super().__init__()
         obs_meta = shape_meta["obs"]
@@ -47,7 +51,18 @@ class LowDimEncoder(nn.Module):
             raise ValueError("LowDimEncoder needs at least one low-dim observation key")
         self.keys = list(keys)
         self.dims = {k: math.prod(obs_meta[k]["shape"]) for k in self.keys}
-        width = sum(self.dims.values())
+        self.keep: dict[str, list[int]] = {}
+        for k, drop in (exclude or {}).items():
+            if k not in self.dims:
+                raise KeyError(f"exclude key {k!r} is not among the encoder keys {self.keys}")
+            dropped = {int(i) for i in drop}
+            self.keep[k] = [i for i in range(self.dims[k]) if i not in dropped]
+            if not dropped <= set(range(self.dims[k])) or not self.keep[k]:
+                raise ValueError(
+                    f"exclude {k!r}: {list(drop)} must be indices in [0, {self.dims[k]}) "
+                    "that leave at least one value"
+                )
+        width = sum(len(self.keep.get(k, range(d))) for k, d in self.dims.items())
         layers: list[nn.Module] = []
         for hidden in hidden_dims or []:
             if hidden < 1:
@@ -59,5 +74,7 @@ class LowDimEncoder(nn.Module):
 
     def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Maps normalized observations {key: (B, To, ...)} to features (B, To, output_dim)."""
-        feats = torch.cat([obs[k].flatten(2) for k in self.keys], dim=-1)  # (B, To, sum D_k)
+        parts = [obs[k].flatten(2) for k in self.keys]  # [(B, To, D_k)]
+        parts = [p[..., self.keep[k]] if k in self.keep else p for k, p in zip(self.keys, parts)]
+        feats = torch.cat(parts, dim=-1)  # (B, To, sum of kept D_k)
         return feats if self.mlp is None else self.mlp(feats)

@@ -45,3 +45,23 @@ def test_mlp_maps_each_frame_and_is_trained():
 def test_bad_widths_are_refused():
     with pytest.raises(ValueError, match="hidden_dims"):
         LowDimEncoder(META, hidden_dims=[0])
+
+
+def test_excluded_values_are_not_seen():
+    encoder = LowDimEncoder(META, exclude={"b": [0, 3]})
+    obs = _obs()
+    out = encoder(obs)  # (B, To, 3 + 2)
+    assert encoder.output_dim == 5 and out.shape == (4, 2, 5)
+    torch.testing.assert_close(out[..., 3:], obs["b"].flatten(2)[..., [1, 2]])
+    changed = {k: v.clone() for k, v in obs.items()}
+    changed["b"][..., 0, 0] += 1.0  # flat index 0: excluded
+    torch.testing.assert_close(encoder(changed), out)
+
+
+@pytest.mark.parametrize(
+    ("exclude", "error"),
+    [({"c": [0]}, KeyError), ({"b": [4]}, ValueError), ({"a": [0, 1, 2]}, ValueError)],
+)
+def test_bad_exclusions_are_refused(exclude, error):
+    with pytest.raises(error, match="exclude"):
+        LowDimEncoder(META, exclude=exclude)
