@@ -75,6 +75,9 @@ class LowDimEncoder(nn.Module):
     def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Maps normalized observations {key: (B, To, ...)} to features (B, To, output_dim)."""
         parts = [obs[k].flatten(2) for k in self.keys]  # [(B, To, D_k)]
-        parts = [p[..., self.keep[k]] if k in self.keep else p for k, p in zip(self.keys, parts)]
+        parts = [
+            p[..., self.keep[k]] if k in self.keep else p
+            for k, p in zip(self.keys, parts, strict=True)
+        ]
         feats = torch.cat(parts, dim=-1)  # (B, To, sum of kept D_k)
         return feats if self.mlp is None else self.mlp(feats)
