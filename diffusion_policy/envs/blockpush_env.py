@@ -24,8 +24,9 @@ effector target x, y; zone 0 x, y, yaw; zone 1 x, y, yaw. Metres and radians, ro
 
 Reward: 0.49 at the first step any block is in any zone (its centre within :data:`ZONE_RADIUS` of
 the zone's centre), and 0.51 at each step both blocks are in different zones, which ends the
-episode (``terminated``; ``info["is_success"]``). ``info`` also says which zone each block is in
-and which block entered a zone first (the modes the scorer counts).
+episode (``terminated``; ``info["is_success"]``). ``info`` also says which zone each block is in,
+which block entered a zone first (the modes the scorer counts) and how far the blocks moved in
+the step (``block_moved``, metres: the scorer counts the idle steps at an episode's end).
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ BLOCK_XY = ((0, 1), (3, 4))
 BLOCK_YAW = (2, 5)
 EFFECTOR_XY = (6, 7)
 ZONE_XY = ((10, 11), (13, 14))
-INFO_KEYS = ("block0_zone", "block1_zone", "first_block", "first_zone", "is_success")
+INFO_KEYS = (
+    "block0_zone", "block1_zone", "first_block", "first_zone", "is_success", "block_moved",
+)  # fmt: skip
 
 
 def wrap_angle(angle: float) -> float:
@@ -195,6 +198,7 @@ class BlockPushEnv(gym.Env):
         self._layout: dict[str, np.ndarray] | None = None
         self._target = self._start.copy()
         self._first_block = -1
+        self._block_xy = np.zeros((2, 2))  # the blocks' x, y after the last step
         self._first_zone = -1
 
     # -- gym API ----------------------------------------------------------------------------
@@ -208,7 +212,8 @@ class BlockPushEnv(gym.Env):
         self._target = self._start.copy()
         self._first_block, self._first_zone = -1, -1
         self._follow_with_arm()
-        return self._obs(), self._info(self._block_zones())
+        self._block_xy = self.block_poses()[:, :2]  # (2, 2)
+        return self._obs(), self._info(self._block_zones(), moved=0.0)
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         """Moves the effector target by ``action`` (dx, dy), or toward it with ``abs_action``,
@@ -231,6 +236,8 @@ class BlockPushEnv(gym.Env):
             )
             pb.stepSimulation(physicsClientId=self._client)
         self._follow_with_arm()
+        block_xy, last_xy = self.block_poses()[:, :2], self._block_xy
+        self._block_xy = block_xy
         zones = self._block_zones()
         reward = 0.0
         if self._first_block < 0 and max(zones) >= 0:
@@ -240,7 +247,8 @@ class BlockPushEnv(gym.Env):
         success = min(zones) >= 0 and zones[0] != zones[1]
         if success:
             reward += BOTH_REWARD
-        return self._obs(), reward, success, False, self._info(zones)
+        moved = float(np.linalg.norm(block_xy - last_xy, axis=1).max())
+        return self._obs(), reward, success, False, self._info(zones, moved)
 
     def render(self) -> np.ndarray:
         """An (H, W, 3) uint8 frame from above the workspace (pybullet's TinyRenderer)."""
@@ -402,13 +410,14 @@ class BlockPushEnv(gym.Env):
         obs = np.concatenate([blocks[0], blocks[1], self.effector_xy(), self._target, *zones])
         return obs.astype(np.float32)  # (16,)
 
-    def _info(self, zones: list[int]) -> dict[str, Any]:
+    def _info(self, zones: list[int], moved: float) -> dict[str, Any]:
         return {
             "block0_zone": int(zones[0]),
             "block1_zone": int(zones[1]),
             "first_block": int(self._first_block),
             "first_zone": int(self._first_zone),
             "is_success": bool(min(zones) >= 0 and zones[0] != zones[1]),
+            "block_moved": moved,
         }
 
 

@@ -8,6 +8,10 @@ Modes: the first block placed (0 or 1) x the zone block 0 goes to (0 or 1; block
 other). An episode's mode is known once a block is in a zone: the first block and its zone give
 the assignment. Mode fractions are over the episodes that placed a block (so the four sum to 1
 when any did), for rollouts as for the demonstrations (:func:`demo_mode_fractions`).
+
+Stalls: a policy that loses a block often wanders for the rest of the episode without touching
+either; ``idle_steps`` counts an episode's steps after the last one that moved a block, and
+``stalled`` is the fraction of episodes that ended unfinished after :data:`STALL_STEPS` of them.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ if TYPE_CHECKING:
 
 P1_THRESHOLD = 0.4
 P2_THRESHOLD = 0.9
+IDLE_MOVE = 0.002  # metres: a step that moves no block farther than this is idle
+STALL_STEPS = 100  # an unfinished episode whose last this many steps were idle has stalled
 MODES = [(first, zone) for first in (0, 1) for zone in (0, 1)]  # (first block, zone of block 0)
 
 
@@ -67,8 +73,10 @@ class BlockPushScorer(Scorer):
 
     ``extra``: ``first_block`` (-1 if no block was placed), ``zone_of_block0`` (block 0's zone in
     the episode's assignment, -1 if none), ``block0_zone`` / ``block1_zone`` (the zone each block
-    was in at the last step, -1 if none). ``summarize`` gives ``p1``, ``p2`` and the mode
-    fractions (:func:`mode_fractions`).
+    was in at the last step, -1 if none), ``idle_steps`` (steps after the last that moved a
+    block). ``summarize`` gives ``p1``, ``p2``, the mode fractions (:func:`mode_fractions`),
+    ``idle_steps`` (the mean) and ``stalled`` (the fraction of unfinished episodes with at
+    least :data:`STALL_STEPS` idle steps at the end).
     """
 
     def score(self, rewards: Sequence[float], infos: Sequence[dict[str, Any]]) -> EpisodeScore:
@@ -80,6 +88,8 @@ class BlockPushScorer(Scorer):
                 first = int(info["first_block"])
                 zone0 = zone_of_block0(first, int(info["first_zone"]))
                 break
+        moved = [float(info.get("block_moved", 0.0)) > IDLE_MOVE for info in infos]
+        idle = moved[::-1].index(True) if any(moved) else len(moved)
         return EpisodeScore(
             score=total,
             success=total > P2_THRESHOLD,
@@ -88,6 +98,7 @@ class BlockPushScorer(Scorer):
                 "zone_of_block0": zone0,
                 "block0_zone": int(last.get("block0_zone", -1)),
                 "block1_zone": int(last.get("block1_zone", -1)),
+                "idle_steps": idle,
             },
         )
 
@@ -95,10 +106,13 @@ class BlockPushScorer(Scorer):
         scores = np.array([ep.score for ep in episodes])  # (N,), failed episodes score 0
         first = np.array([ep.extra.get("first_block", -1) for ep in episodes])
         zone0 = np.array([ep.extra.get("zone_of_block0", -1) for ep in episodes])
+        idle = np.array([ep.extra.get("idle_steps", 0) for ep in episodes])  # (N,)
         return {
             "p1": float(np.mean(scores > P1_THRESHOLD)),
             "p2": float(np.mean(scores > P2_THRESHOLD)),
             **mode_fractions(first, zone0),
+            "idle_steps": float(idle.mean()),
+            "stalled": float(np.mean((idle >= STALL_STEPS) & (scores <= P2_THRESHOLD))),
         }
 
 

@@ -108,9 +108,14 @@ def test_the_pusher_pushes_a_block_through_contact():
     # Go 10 cm behind block 0 (smaller x), around nothing (start x is 0.2), then push along +x.
     behind = block - [0.08, 0.0]
     for _ in range(15):
-        obs, *_ = env.step(np.clip(behind - obs[8:10], -0.03, 0.03))
+        obs, _, _, _, info = env.step(np.clip(behind - obs[8:10], -0.03, 0.03))
+    assert info["block_moved"] < 1e-3  # still behind it
+    moved = []
     for _ in range(5):
-        obs, *_ = env.step(np.array([0.03, 0.0]))
+        last = obs[:2].copy()
+        obs, _, _, _, info = env.step(np.array([0.03, 0.0]))
+        moved.append(info["block_moved"])
+    assert moved[-1] == pytest.approx(np.linalg.norm(obs[:2] - last), abs=1e-4)
     assert obs[0] > block[0] + 0.05  # the block moved forward with the pusher
     assert abs(obs[1] - block[1]) < 0.03
     env.close()

@@ -10,11 +10,13 @@ from diffusion_policy.envs.blockpush_scoring import BlockPushScorer, mode_fracti
 from diffusion_policy.envs.episodes import EpisodeResult
 
 
-def _info(b0: int = -1, b1: int = -1, first: int = -1, first_zone: int = -1) -> dict:
+def _info(
+    b0: int = -1, b1: int = -1, first: int = -1, first_zone: int = -1, moved: float = 0.0
+) -> dict:
     both = b0 >= 0 and b1 >= 0 and b0 != b1
     return {
         "block0_zone": b0, "block1_zone": b1, "first_block": first, "first_zone": first_zone,
-        "is_success": both,
+        "is_success": both, "block_moved": moved,
     }  # fmt: skip
 
 
@@ -22,7 +24,7 @@ def test_nothing_placed_scores_zero():
     s = BlockPushScorer().score([0.0] * 5, [_info()] * 5)
     assert (s.score, s.success) == (0.0, False)
     none = {"first_block": -1, "zone_of_block0": -1, "block0_zone": -1, "block1_zone": -1}
-    assert s.extra == none
+    assert s.extra == {**none, "idle_steps": 5}  # no block ever moved
 
 
 def test_one_block_placed_is_p1_only():
@@ -51,6 +53,24 @@ def test_a_block_pushed_out_again_still_scored_p1():
     infos = [_info(0, -1, 0, 0), _info(-1, -1, 0, 0)]
     s = BlockPushScorer().score([0.49, 0.0], infos)
     assert s.score == pytest.approx(0.49) and not s.success
+
+
+def test_idle_steps_count_from_the_last_step_that_moved_a_block():
+    moves = [0.0, 0.01, 0.003, 0.001, 0.0, 0.0015]  # moves of more than 2 mm at steps 1, 2
+    s = BlockPushScorer().score([0.0] * 6, [_info(moved=m) for m in moves])
+    assert s.extra["idle_steps"] == 3
+
+
+def test_summary_counts_unfinished_episodes_that_ended_idle_as_stalled():
+    def ep(score: float, idle: int) -> EpisodeResult:
+        return EpisodeResult(
+            seed=0, split="test", score=score, extra={"first_block": -1, "idle_steps": idle}
+        )
+
+    episodes = [ep(0.49, 150), ep(0.0, 100), ep(0.0, 99), ep(1.0, 0)]
+    m = BlockPushScorer().summarize(episodes)
+    assert m["stalled"] == pytest.approx(2 / 4)
+    assert m["idle_steps"] == pytest.approx(349 / 4)
 
 
 def _episode(score: float, first: int, zone0: int) -> EpisodeResult:
@@ -92,3 +112,5 @@ def test_runner_logs_p1_p2_and_modes():
     assert result["test/mode/b0_first"] == 0.0
     assert [e["steps"] for e in result["per_episode"]] == [8, 8, 8]
     assert result["per_episode"][0]["extra"]["first_block"] == -1
+    assert result["per_episode"][0]["extra"]["idle_steps"] == 8  # it never touched a block
+    assert result["test/stalled"] == 0.0  # 8 steps are too few to call it a stall
