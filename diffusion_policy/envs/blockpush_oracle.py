@@ -64,6 +64,10 @@ ORIENT_RADIUS = 0.025  # orienting aims this far from the block's centre (inside
 ORIENT_TURN = 0.15  # ... at the effector's bearing from the block turned by this (radians)
 ORIENT_SPEED = 0.015  # metres per step while orienting
 NEAR_ZONE = 0.05  # a block this close to its zone is pushed in without orienting
+# Detours (``detour_prob``): the executed moves head for a random point of this region for a
+# random number of steps, at the approach speed; the oracle's own moves are recorded.
+DETOUR_REGION = ((0.2, -0.4), (0.6, 0.25))  # (x, y) low, high: around the blocks and zones
+DETOUR_STEPS = (3, 10)
 
 
 @dataclass(frozen=True)
@@ -221,7 +225,11 @@ class OracleEpisode:
 
 
 def run_oracle_episode(
-    env: BlockPushEnv, seed: int, max_steps: int = MAX_EPISODE_STEPS, exec_noise: float = 0.0
+    env: BlockPushEnv,
+    seed: int,
+    max_steps: int = MAX_EPISODE_STEPS,
+    exec_noise: float = 0.0,
+    detour_prob: float = 0.0,
 ) -> OracleEpisode:
     """Runs the oracle on the episode ``seed`` (the env's layout and the oracle's draws).
 
@@ -233,6 +241,10 @@ def run_oracle_episode(
             the episode records the oracle's own move. The states then stray from the
             oracle's path and the actions recorded there are its corrections (DART-style
             demonstrations: a policy learns to recover, not only to follow).
+        detour_prob: Chance per step that the env executes a detour instead of the oracle's
+            moves: :data:`DETOUR_STEPS` moves toward a random point of :data:`DETOUR_REGION`
+            (the recorded moves stay the oracle's, so the episode shows how it comes back from
+            far off its path, e.g. from the zone side of a block it lost).
 
     Returns:
         The steps taken until success or ``max_steps``.
@@ -242,11 +254,19 @@ def run_oracle_episode(
     exec_rng = np.random.default_rng([seed, 2])
     observations, actions = [], []
     success = False
+    detour_left, detour_goal = 0, np.zeros(2)
     for _ in range(max_steps):
         action = oracle.act(obs)
         observations.append(obs)
         actions.append(action)
-        if exec_noise > 0:
+        if detour_left == 0 and detour_prob > 0 and exec_rng.random() < detour_prob:
+            detour_left = int(exec_rng.integers(DETOUR_STEPS[0], DETOUR_STEPS[1] + 1))
+            detour_goal = exec_rng.uniform(*DETOUR_REGION)
+        if detour_left > 0:
+            detour_left -= 1
+            move = _capped(detour_goal - obs[list(TARGET_XY)], APPROACH_SPEED)
+            action = move.astype(np.float32)
+        elif exec_noise > 0:
             noise = exec_rng.normal(0.0, exec_noise, 2)
             action = np.clip(action + noise, -MAX_MOVE, MAX_MOVE).astype(np.float32)
         obs, _, terminated, _, info = env.step(action)
@@ -263,6 +283,7 @@ def generate_blockpush(
     progress: bool = True,
     exec_noise: float = 0.0,
     layout: str = "paper",
+    detour_prob: float = 0.0,
 ) -> dict[str, float]:
     """Writes ``n_episodes`` successful oracle episodes to a zarr store (atomically).
 
@@ -273,7 +294,7 @@ def generate_blockpush(
     repeated per step (the replay buffer holds per-step arrays only): ``data/first_block`` and
     ``data/zone_of_block0`` (T,) int8.
 
-    ``exec_noise`` perturbs the executed moves, not the recorded ones (see
+    ``exec_noise`` and ``detour_prob`` perturb the executed moves, not the recorded ones (see
     :func:`run_oracle_episode`). ``layout`` is the env's initial poses (``"paper"`` or
     ``"wide"``).
 
@@ -284,13 +305,17 @@ def generate_blockpush(
         raise ValueError(f"n_episodes={n_episodes} must be >= 1")
     if exec_noise < 0:
         raise ValueError(f"exec_noise={exec_noise} must be >= 0")
+    if not 0 <= detour_prob < 1:
+        raise ValueError(f"detour_prob={detour_prob} must be in [0, 1)")
     env = BlockPushEnv(layout=layout)
     buffer = ReplayBuffer.create_empty()
     tried = 0
     tic = time.perf_counter()
     with tqdm(total=n_episodes, desc="blockpush oracle", unit="ep", disable=not progress) as bar:
         while buffer.n_episodes < n_episodes:
-            ep = run_oracle_episode(env, seed + tried, exec_noise=exec_noise)
+            ep = run_oracle_episode(
+                env, seed + tried, exec_noise=exec_noise, detour_prob=detour_prob
+            )
             tried += 1
             if not ep.success:
                 continue
