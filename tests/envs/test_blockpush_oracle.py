@@ -64,7 +64,6 @@ def test_exec_noise_perturbs_the_executed_moves_not_the_recorded_ones(env):
     assert noisy.success and np.median(strays) > 0.003
 
 
-
 def test_detours_take_the_effector_far_off_and_the_oracle_brings_it_back(env):
     # A detour's executed moves differ from the recorded ones by centimetres for a few steps
     # at a time; the oracle's moves recorded there lead back, and the episode succeeds.
@@ -73,6 +72,7 @@ def test_detours_take_the_effector_far_off_and_the_oracle_brings_it_back(env):
     strays = np.linalg.norm(np.diff(ep.obs[:, target], axis=0) - ep.action[:-1], axis=1)
     assert ep.success and (strays > 0.02).sum() >= 5
     assert (strays <= 1e-5).mean() > 0.5  # between detours the oracle's moves are executed
+
 
 def test_face_error_is_the_angle_to_the_nearest_face_normal():
     east, north = np.array([1.0, 0.0]), np.array([0.0, 1.0])
