@@ -348,15 +348,19 @@ def ensure_blockpush_dataset(
     n_episodes: int = 1000,
     seed: int = 0,
     layout: str = "paper",
+    detour_prob: float = 0.0,
 ) -> Path:
     """Returns the BlockPush store at ``path``, generating it with the oracle if absent."""
     path = Path(path).expanduser()
     if not path.exists():
         log.info(
-            "no BlockPush store at %s: generating %d oracle episodes (%s layout)",
+            "no BlockPush store at %s: generating %d oracle episodes (%s layout, detours %g)",
             path,
             n_episodes,
             layout,
+            detour_prob,
         )
-        generate_blockpush(path, n_episodes=n_episodes, seed=seed, layout=layout)
+        generate_blockpush(
+            path, n_episodes=n_episodes, seed=seed, layout=layout, detour_prob=detour_prob
+        )
     return path

@@ -65,6 +65,15 @@ def test_absent_store_is_generated_on_first_use(tmp_path):
     assert ensure_blockpush_dataset(path, n_episodes=99) == path  # present: left as it is
 
 
+def test_generated_store_takes_the_detour_probability(tmp_path):
+    plain = BlockPushLowdimDataset(str(tmp_path / "a.zarr"), generate_episodes=1)
+    detours = BlockPushLowdimDataset(
+        str(tmp_path / "b.zarr"), generate_episodes=1, generate_detour_prob=0.2
+    )
+    # The same seed's episode, made longer by the detours it comes back from.
+    assert int(detours.episode_ends[-1]) > int(plain.episode_ends[-1])
+
+
 def test_abs_action_windows_hold_the_next_targets(store):
     kwargs = dict(horizon=16, n_obs_steps=2, n_action_steps=8, val_ratio=0.25)
     moves = BlockPushLowdimDataset(str(store), **kwargs)
