@@ -33,8 +33,9 @@ bench: ## Print training/inference/data/rollout benchmarks
 data: ## Download and unpack the Push-T demonstrations into data/
 	$(PYTHON) scripts/download_pusht.py
 
-data-blockpush: ## Generate the 1,000 BlockPush oracle demonstrations into data/blockpush/
+data-blockpush: ## Generate the 1,000 BlockPush oracle demonstrations (and the CPU recipe's, with detours) into data/blockpush/
 	$(PYTHON) scripts/generate_blockpush.py
+	$(PYTHON) scripts/generate_blockpush.py --detour-prob 0.03 --dest data/blockpush/blockpush_paper_v2_detour03.zarr
 
 train-debug: ## A tiny end-to-end training run (seconds)
 	$(PYTHON) train.py +experiment=pusht_lowdim +debug=fast

@@ -69,6 +69,9 @@ def test_paper_settings():
     cpu = _compose(["+experiment=blockpush_lowdim_cpu"])
     assert (cpu.trainer.max_minutes, cpu.trainer.batch_size) == (60, 64)
     assert cpu.policy.num_inference_steps == 8
+    # The CPU recipe trains on demonstrations with detours, generated on first use.
+    assert cpu.dataset.zarr_path == "data/blockpush/blockpush_paper_v2_detour03.zarr"
+    assert cpu.dataset.generate_detour_prob == 0.03
     assert _compose(["+experiment=blockpush_lowdim_transformer"]).denoiser.n_layer == 8
     # The paper's relative moves; the CPU recipe's targets, which its runner follows.
     assert cfg.dataset.abs_action is False and cfg.env_runner.abs_action is False
