@@ -198,8 +198,8 @@ class BlockPushEnv(gym.Env):
         self._layout: dict[str, np.ndarray] | None = None
         self._target = self._start.copy()
         self._first_block = -1
-        self._block_xy = np.zeros((2, 2))  # the blocks' x, y after the last step
         self._first_zone = -1
+        self._block_xy = np.zeros((2, 2))  # the blocks' x, y after the last step
 
     # -- gym API ----------------------------------------------------------------------------
     def reset(
