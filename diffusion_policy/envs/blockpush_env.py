@@ -213,7 +213,7 @@ class BlockPushEnv(gym.Env):
         self._first_block, self._first_zone = -1, -1
         self._follow_with_arm()
         self._block_xy = self.block_poses()[:, :2]  # (2, 2)
-        return self._obs(), self._info(self._block_zones(), moved=0.0)
+        return self._obs(), self._info(self._block_zones(self._block_xy), moved=0.0)
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         """Moves the effector target by ``action`` (dx, dy), or toward it with ``abs_action``,
@@ -238,7 +238,7 @@ class BlockPushEnv(gym.Env):
         self._follow_with_arm()
         block_xy, last_xy = self.block_poses()[:, :2], self._block_xy
         self._block_xy = block_xy
-        zones = self._block_zones()
+        zones = self._block_zones(block_xy)
         reward = 0.0
         if self._first_block < 0 and max(zones) >= 0:
             self._first_block = 0 if zones[0] >= 0 else 1
@@ -394,11 +394,12 @@ class BlockPushEnv(gym.Env):
             self._arm, -1, activationState=pb.ACTIVATION_STATE_SLEEP, physicsClientId=self._client
         )
 
-    def _block_zones(self) -> list[int]:
-        """The zone each block is in (its closest zone, within ``ZONE_RADIUS``), -1 if none."""
+    def _block_zones(self, block_xy: np.ndarray) -> list[int]:
+        """The zone each block at ``block_xy`` (2, 2) is in (its closest zone, within
+        ``ZONE_RADIUS``), -1 if none."""
         zones = self._layout["zones"][:, :2]  # (2, 2)
         out = []
-        for xy in self.block_poses()[:, :2]:
+        for xy in block_xy:  # (2,) per block
             dist = np.linalg.norm(zones - xy, axis=1)  # (2,)
             nearest = int(np.argmin(dist))
             out.append(nearest if dist[nearest] < ZONE_RADIUS else -1)
