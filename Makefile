@@ -35,7 +35,7 @@ data: ## Download and unpack the Push-T demonstrations into data/
 
 data-blockpush: ## Generate the 1,000 BlockPush oracle demonstrations (and the CPU recipe's, with detours) into data/blockpush/
 	$(PYTHON) scripts/generate_blockpush.py
-	$(PYTHON) scripts/generate_blockpush.py --detour-prob 0.03 --dest data/blockpush/blockpush_paper_v2_detour03.zarr
+	$(PYTHON) scripts/generate_blockpush.py --detour-prob 0.03 --dest data/blockpush/blockpush_paper_v3_detour03.zarr
 
 train-debug: ## A tiny end-to-end training run (seconds)
 	$(PYTHON) train.py +experiment=pusht_lowdim +debug=fast

@@ -1,7 +1,7 @@
 """Generates the BlockPush demonstrations with the scripted oracle (successful episodes only).
 
 Usage: python scripts/generate_blockpush.py [--layout paper] [--n-episodes 1000] [--seed 0]
-       [--exec-noise 0] [--detour-prob 0] [--dest data/blockpush/blockpush_<layout>_v2.zarr]
+       [--exec-noise 0] [--detour-prob 0] [--dest data/blockpush/blockpush_<layout>_v3.zarr]
 
 Prints the oracle's success rate over the seeds tried, the time taken and the demos' mode
 fractions (which block first x which zone block 0 goes to).
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=None,
         help="the .zarr store to write (replaced if present; default: "
-        "data/blockpush/blockpush_<layout>_v2.zarr)",
+        "data/blockpush/blockpush_<layout>_v3.zarr)",
     )
     parser.add_argument(
         "--layout", choices=LAYOUTS, default="paper", help="initial poses (default: %(default)s)"

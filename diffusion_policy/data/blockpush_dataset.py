@@ -18,10 +18,11 @@ from diffusion_policy.envs.blockpush_actions import WORKSPACE_CENTER, absolute_a
 def blockpush_store_path(layout: str = "paper") -> Path:
     """Where the oracle's store for ``layout`` lives by default (relative to the project).
 
-    ``_v2``: demonstrations of the oracle that turns blocks face-on before pushing; stores of the
-    earlier oracle (``blockpush_<layout>.zarr``) are not read.
+    ``_v3``: demonstrations of the oracle that turns blocks face-on before pushing, with the
+    pusher's contact friction of the paper's setting; stores of earlier oracles or physics
+    (``blockpush_<layout>.zarr``, ``_v2``) are not read.
     """
-    return Path("data") / "blockpush" / f"blockpush_{layout}_v2.zarr"
+    return Path("data") / "blockpush" / f"blockpush_{layout}_v3.zarr"
 
 
 DEFAULT_BLOCKPUSH_PATH = blockpush_store_path()

@@ -30,12 +30,17 @@ def _compose(overrides: list[str]):
         return compose(config_name="train", overrides=overrides)
 
 
-def test_the_three_experiments_exist():
-    assert EXPERIMENTS == [
-        "blockpush_lowdim",
-        "blockpush_lowdim_cpu",
-        "blockpush_lowdim_transformer",
-    ]
+# (horizon, n_obs_steps, n_action_steps): the paper's DP-C windows, and its DP-T ones for this
+# task (a new plan every step).
+WINDOWS = {
+    "blockpush_lowdim": (16, 2, 8),
+    "blockpush_lowdim_cpu": (16, 2, 8),
+    "blockpush_lowdim_transformer": (5, 3, 1),
+}
+
+
+def test_the_experiments_exist():
+    assert sorted(WINDOWS) == EXPERIMENTS
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -44,12 +49,13 @@ def test_experiment_composes_and_instantiates(experiment, store, tmp_path):
     assert cfg.name == experiment
     dataset = instantiate(cfg.dataset)
     policy = build_policy(cfg, dataset.shape_meta)
-    assert policy.horizon == cfg.horizon == 16
+    horizon, n_obs_steps, n_action_steps = WINDOWS[experiment]
+    assert policy.horizon == cfg.horizon == horizon
     assert build_optimizer(cfg.optimizer, policy).param_groups
     runner = instantiate(cfg.env_runner, output_dir=str(tmp_path))
     test_seeds = [s for split, s in runner.seeds if split == "test"]
     assert test_seeds[0] == 100000 and runner.max_steps == 350
-    assert (runner.n_obs_steps, runner.n_action_steps) == (2, 8)
+    assert (runner.n_obs_steps, runner.n_action_steps) == (n_obs_steps, n_action_steps)
     assert type(runner.scorer).__name__ == "BlockPushScorer"
 
 
@@ -60,19 +66,20 @@ def test_paper_settings():
     assert cfg.noise_scheduler._target_ == "diffusers.DDPMScheduler"
     assert (cfg.horizon, cfg.n_obs_steps, cfg.n_action_steps) == (16, 2, 8)
     assert (cfg.dataset.val_ratio, cfg.dataset.seed) == (0.02, 42)
-    assert cfg.dataset.zarr_path == "data/blockpush/blockpush_paper_v2.zarr"
+    assert cfg.dataset.zarr_path == "data/blockpush/blockpush_paper_v3.zarr"
     assert cfg.dataset.layout == cfg.env_runner.layout == "paper"
     wide = _compose(["+experiment=blockpush_lowdim", "dataset.layout=wide"])
-    assert wide.dataset.zarr_path == "data/blockpush/blockpush_wide_v2.zarr"
+    assert wide.dataset.zarr_path == "data/blockpush/blockpush_wide_v3.zarr"
     assert wide.env_runner.layout == "wide"
     assert (cfg.env_runner.n_test, cfg.env_runner.n_train) == (50, 6)
     cpu = _compose(["+experiment=blockpush_lowdim_cpu"])
     assert (cpu.trainer.max_minutes, cpu.trainer.batch_size) == (60, 64)
     assert cpu.policy.num_inference_steps == 8
     # The CPU recipe trains on demonstrations with detours, generated on first use.
-    assert cpu.dataset.zarr_path == "data/blockpush/blockpush_paper_v2_detour03.zarr"
+    assert cpu.dataset.zarr_path == "data/blockpush/blockpush_paper_v3_detour03.zarr"
     assert cpu.dataset.generate_detour_prob == 0.03
-    assert _compose(["+experiment=blockpush_lowdim_transformer"]).denoiser.n_layer == 8
+    dpt = _compose(["+experiment=blockpush_lowdim_transformer"])
+    assert (dpt.denoiser.n_layer, dpt.denoiser.n_emb, dpt.denoiser.p_drop_attn) == (8, 256, 0.3)
     # The paper's relative moves; the CPU recipe's targets, which its runner follows.
     assert cfg.dataset.abs_action is False and cfg.env_runner.abs_action is False
     assert cpu.dataset.abs_action is True and cpu.env_runner.abs_action is True
