@@ -63,8 +63,8 @@ PUSHER_LENGTH = 0.05
 EFFECTOR_HEIGHT = 0.06  # the flange; the cylinder hangs from it down to 1 cm above the table
 PUSHER_MAX_FORCE = 20.0  # newtons the constraint may use to drag the pusher to its target
 # Lateral friction of the pusher (the paper's pusher tip: 1.0; pybullet multiplies it by the
-# block's 0.5). With 0.2 a block pushed a little off-centre slid off within 6.6 steps on average,
-# with 1.0 within 7.9; a policy's p1 rose from 0.285 to 0.37 (docs/tasks.md).
+# block's 0.5). A block pushed a little off-centre stays in front for 7.9 steps on average
+# against 6.6 at 0.2, and the CPU recipe placed more blocks (docs/tasks.md).
 PUSHER_FRICTION = 1.0
 
 # Initial layouts (``layout=``). "paper": the paper's (Implicit BC's multimodal BlockPush): both

@@ -68,7 +68,7 @@ def test_detours_take_the_effector_far_off_and_the_oracle_brings_it_back(env):
     # A detour's executed moves differ from the recorded ones by centimetres for a few steps
     # at a time; the oracle's moves recorded there lead back, and the episode succeeds.
     target = slice(8, 10)
-    ep = run_oracle_episode(env, 1000, detour_prob=0.05)
+    ep = run_oracle_episode(env, 1001, detour_prob=0.05)
     strays = np.linalg.norm(np.diff(ep.obs[:, target], axis=0) - ep.action[:-1], axis=1)
     assert ep.success and (strays > 0.02).sum() >= 5
     assert (strays <= 1e-5).mean() > 0.5  # between detours the oracle's moves are executed
