@@ -128,8 +128,9 @@ def test_the_pusher_pushes_a_block_through_contact():
 
 
 def _straight_push(env: BlockPushEnv, friction: float, yaw: float, offset: float) -> float:
-    """How far (m) block 0, turned by ``yaw`` and ``offset`` to the side of the pusher, travels
-    in 12 steps of a straight 3 cm push along +y with the pusher's friction at ``friction``."""
+    """How far (m) block 0, turned by ``yaw`` and pushed ``offset`` metres beside its centre,
+    travels in 12 steps of a straight 3 cm push along +y with the pusher's friction at
+    ``friction``."""
     env.reset(seed=0)
     c = env._client
     pb.changeDynamics(env._pusher, -1, lateralFriction=friction, physicsClientId=c)
