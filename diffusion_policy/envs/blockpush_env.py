@@ -216,8 +216,9 @@ class BlockPushEnv(gym.Env):
         self._target = self._start.copy()
         self._first_block, self._first_zone = -1, -1
         self._follow_with_arm()
-        self._block_xy = self.block_poses()[:, :2]  # (2, 2)
-        return self._obs(), self._info(self._block_zones(self._block_xy), moved=0.0)
+        blocks = self.block_poses()  # (2, 3)
+        self._block_xy = blocks[:, :2]
+        return self._obs(blocks), self._info(self._block_zones(self._block_xy), moved=0.0)
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         """Moves the effector target by ``action`` (dx, dy), or toward it with ``abs_action``,
@@ -240,7 +241,8 @@ class BlockPushEnv(gym.Env):
             )
             pb.stepSimulation(physicsClientId=self._client)
         self._follow_with_arm()
-        block_xy, last_xy = self.block_poses()[:, :2], self._block_xy
+        blocks = self.block_poses()  # (2, 3), read once per step
+        block_xy, last_xy = blocks[:, :2], self._block_xy
         self._block_xy = block_xy
         zones = self._block_zones(block_xy)
         reward = 0.0
@@ -252,7 +254,7 @@ class BlockPushEnv(gym.Env):
         if success:
             reward += BOTH_REWARD
         moved = float(np.linalg.norm(block_xy - last_xy, axis=1).max())
-        return self._obs(), reward, success, False, self._info(zones, moved)
+        return self._obs(blocks), reward, success, False, self._info(zones, moved)
 
     def render(self) -> np.ndarray:
         """An (H, W, 3) uint8 frame from above the workspace (pybullet's TinyRenderer)."""
@@ -409,8 +411,8 @@ class BlockPushEnv(gym.Env):
             out.append(nearest if dist[nearest] < ZONE_RADIUS else -1)
         return out
 
-    def _obs(self) -> np.ndarray:
-        blocks = self.block_poses()  # (2, 3)
+    def _obs(self, blocks: np.ndarray) -> np.ndarray:
+        """The 16-value observation, with the blocks' (2, 3) poses already read."""
         zones = self._layout["zones"]  # (2, 3)
         obs = np.concatenate([blocks[0], blocks[1], self.effector_xy(), self._target, *zones])
         return obs.astype(np.float32)  # (16,)
