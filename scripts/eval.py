@@ -87,6 +87,8 @@ def main(cfg: DictConfig) -> None:
         "noise_scheduler": type(policy.noise_scheduler).__name__,
         "num_inference_steps": policy.num_inference_steps,
         "n_action_steps": runner.n_action_steps,
+        "replan_at": runner.replan_at,
+        "ensemble_decay": runner.ensemble_decay,
         **summary,
         "per_episode": result.get("per_episode", []),
         "videos": [str(v) for v in result.get("videos", [])],

@@ -121,21 +121,7 @@ class BatchController:
         self.policy = policy
         self.n_obs_steps = _size(n_obs_steps, policy, "n_obs_steps")
         self.n_action_steps = _size(n_action_steps, policy, "n_action_steps")
-        if not 0 <= replan_at < self.n_action_steps:
-            raise ValueError(
-                f"replan_at={replan_at} must be in [0, n_action_steps - 1 = "
-                f"{self.n_action_steps - 1}]"
-            )
-        if background and replan_at < 1:
-            raise ValueError(
-                f"background planning with replan_at={replan_at} would always wait for the "
-                f"chunk; use replan_at >= 1"
-            )
-        if ensemble_decay is not None and not (ensemble_decay >= 0 and replan_at >= 1):
-            raise ValueError(
-                f"ensemble_decay={ensemble_decay} must be >= 0 and needs replan_at >= 1 (got "
-                f"{replan_at}) for chunks to overlap"
-            )
+        check_replanning(self.n_action_steps, replan_at, background, ensemble_decay)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.action_dim = action_dim
         self.replan_at = replan_at
@@ -350,6 +336,30 @@ class Controller:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_replanning(
+    n_action_steps: int, replan_at: int, background: bool, ensemble_decay: float | None
+) -> None:
+    """Checks the controller's planning options (see :class:`BatchController`).
+
+    Raises:
+        ValueError: An option out of range or without the one it needs, naming it.
+    """
+    if not 0 <= replan_at < n_action_steps:
+        raise ValueError(
+            f"replan_at={replan_at} must be in [0, n_action_steps - 1 = {n_action_steps - 1}]"
+        )
+    if background and replan_at < 1:
+        raise ValueError(
+            f"background planning with replan_at={replan_at} would always wait for the "
+            f"chunk; use replan_at >= 1"
+        )
+    if ensemble_decay is not None and not (ensemble_decay >= 0 and replan_at >= 1):
+        raise ValueError(
+            f"ensemble_decay={ensemble_decay} must be >= 0 and needs replan_at >= 1 (got "
+            f"{replan_at}) for chunks to overlap"
+        )
 
 
 def _size(value: int | None, policy: Any, name: str) -> int:

@@ -58,7 +58,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from diffusion_policy.deploy.controller import BatchController
+from diffusion_policy.deploy.controller import BatchController, check_replanning
 from diffusion_policy.envs import faults
 from diffusion_policy.envs.episodes import EpisodeResult, Wave
 from diffusion_policy.envs.pusht_env import OBS_TYPES, make_pusht_env
@@ -116,6 +116,10 @@ class EnvRunner:
         max_steps: Env steps per episode at most.
         n_obs_steps: Observation frames given to the policy (To).
         n_action_steps: Actions executed per policy call.
+        replan_at: Plan the next chunk when this many of the current one's actions remain
+            (0: when it runs out); see :class:`~diffusion_policy.deploy.controller.BatchController`.
+        ensemble_decay: Temporal ensembling of overlapping chunks (needs ``replan_at >= 1``);
+            None executes the newest chunk's actions.
         n_envs: Parallel envs per wave; None runs every episode in one wave (best policy
             batching with ``"sync"``).
         vectorization: ``"sync"`` (one process) or ``"async"`` (a process per env).
@@ -145,6 +149,8 @@ class EnvRunner:
         max_steps: int = 300,
         n_obs_steps: int = 2,
         n_action_steps: int = 8,
+        replan_at: int = 0,
+        ensemble_decay: float | None = None,
         n_envs: int | None = None,
         vectorization: str = "sync",
         step_timeout_s: float | None = 60.0,
@@ -161,6 +167,7 @@ class EnvRunner:
         if max_steps < 1:
             raise ValueError(f"max_steps={max_steps} must be >= 1")
         check_window(None, n_obs_steps, n_action_steps)  # the policy has the horizon
+        check_replanning(n_action_steps, replan_at, False, ensemble_decay)
         if n_envs is not None and n_envs < 1:
             raise ValueError(f"n_envs={n_envs} must be >= 1 or None")
         if vectorization not in VECTORIZATIONS:
@@ -177,6 +184,8 @@ class EnvRunner:
         self.max_steps = max_steps
         self.n_obs_steps = n_obs_steps
         self.n_action_steps = n_action_steps
+        self.replan_at = replan_at
+        self.ensemble_decay = ensemble_decay
         self.n_envs = min(n_envs or len(self.seeds), len(self.seeds))
         self.vectorization = vectorization
         self.step_timeout_s = step_timeout_s
@@ -289,6 +298,8 @@ class EnvRunner:
             self.n_action_steps,
             device=device,
             action_dim=envs.single_action_space.shape[0],
+            replan_at=self.replan_at,
+            ensemble_decay=self.ensemble_decay,
             seed=None if self.sampling_seed is None else [self.sampling_seed, *wave.seeds],
         )
         step = 0

@@ -126,6 +126,29 @@ def test_runner_rejects_bad_actions_and_arguments():
         PushTRunner(vectorization="threads")
 
 
+def test_runner_replans_and_ensembles_as_the_controller():
+    class CountingPolicy:
+        calls = 0
+
+        def predict_action(self, obs):
+            self.calls += 1
+            return {"action": torch.zeros(obs["obs"].shape[0], 4, 2)}
+
+    kwargs = dict(n_test=1, test_start_seed=3, n_train=0, max_steps=10, progress=False)
+    policy = CountingPolicy()
+    EnvRunner(CountdownEnv, n_action_steps=4, **kwargs).run(policy)
+    assert policy.calls == 1  # the episode's 4 steps: one chunk
+    policy = CountingPolicy()
+    EnvRunner(CountdownEnv, n_action_steps=4, replan_at=3, ensemble_decay=0.0, **kwargs).run(
+        policy
+    )
+    assert policy.calls == 4  # a plan every step
+    with pytest.raises(ValueError, match="replan_at=4"):
+        EnvRunner(CountdownEnv, n_action_steps=4, replan_at=4)
+    with pytest.raises(ValueError, match="ensemble_decay=0.1"):
+        EnvRunner(CountdownEnv, n_action_steps=4, ensemble_decay=0.1)
+
+
 def test_async_matches_sync():
     kwargs = dict(n_test=2, n_train=1, n_envs=2, max_steps=9, progress=False)
     sync = PushTRunner(**kwargs).run(HoldPolicy())
