@@ -139,9 +139,7 @@ def test_runner_replans_and_ensembles_as_the_controller():
     EnvRunner(CountdownEnv, n_action_steps=4, **kwargs).run(policy)
     assert policy.calls == 1  # the episode's 4 steps: one chunk
     policy = CountingPolicy()
-    EnvRunner(CountdownEnv, n_action_steps=4, replan_at=3, ensemble_decay=0.0, **kwargs).run(
-        policy
-    )
+    EnvRunner(CountdownEnv, n_action_steps=4, replan_at=3, ensemble_decay=0.0, **kwargs).run(policy)
     assert policy.calls == 4  # a plan every step
     with pytest.raises(ValueError, match="replan_at=4"):
         EnvRunner(CountdownEnv, n_action_steps=4, replan_at=4)
