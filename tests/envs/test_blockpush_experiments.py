@@ -34,7 +34,7 @@ def _compose(overrides: list[str]):
 # task (a new plan every step).
 WINDOWS = {
     "blockpush_lowdim": (16, 2, 8),
-    "blockpush_lowdim_cpu": (16, 2, 1),  # DP-C's plans, re-planned every step
+    "blockpush_lowdim_cpu": (8, 2, 1),  # short plans, a new one every step
     "blockpush_lowdim_transformer": (5, 3, 1),
 }
 
