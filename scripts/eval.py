@@ -89,7 +89,6 @@ def main(cfg: DictConfig) -> None:
         "n_action_steps": runner.n_action_steps,
         "replan_at": runner.replan_at,
         "ensemble_decay": runner.ensemble_decay,
-        "fixed_noise": runner.fixed_noise,
         **summary,
         "per_episode": result.get("per_episode", []),
         "videos": [str(v) for v in result.get("videos", [])],

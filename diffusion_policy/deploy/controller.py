@@ -28,10 +28,6 @@ Options, both off by default (the runner's protocol: plan when the chunk runs ou
 Sampling noise: with a ``seed``, chunk ``j`` after a reset is sampled with a fresh
 ``torch.Generator`` seeded from ``(seed, j)``, so a session's actions do not depend on the
 process or on other sessions (a policy server reproduces them from the generator's seed).
-With ``fixed_noise=True`` every chunk of an episode is sampled from the same generator seed
-(``(seed, 0)``; without a seed, one drawn at the reset): a deterministic sampler then maps
-similar observations to similar chunks, so plans made at every tick keep to one mode instead of
-drawing it afresh each time.
 """
 
 from __future__ import annotations
@@ -104,7 +100,6 @@ class BatchController:
             ``exp(-ensemble_decay * i)``, oldest first; None takes the newest chunk's action.
         seed: Seeds the sampling noise of each chunk (see the module docstring); None leaves
             it to the policy (the global random generator).
-        fixed_noise: Sample every chunk of an episode from the same noise (module docstring).
 
     Raises:
         ValueError: A size or option out of range, naming it.
@@ -122,7 +117,6 @@ class BatchController:
         background: bool = False,
         ensemble_decay: float | None = None,
         seed: Seed | None = None,
-        fixed_noise: bool = False,
     ) -> None:
         self.policy = policy
         self.n_obs_steps = _size(n_obs_steps, policy, "n_obs_steps")
@@ -134,8 +128,6 @@ class BatchController:
         self.ensemble_decay = ensemble_decay
         self._executor = ThreadPoolExecutor(1, "plan") if background else None
         self._seed = _check_seed(seed)
-        self.fixed_noise = fixed_noise
-        self._episode_seed = self._draw_episode_seed()
         self._history: deque[dict[str, np.ndarray]] = deque(maxlen=self.n_obs_steps)
         self._chunks: list[_Chunk] = []  # oldest first
         self._future: Future[_Chunk] | None = None
@@ -154,7 +146,6 @@ class BatchController:
         self._drop_plan_in_flight()
         if seed is not None:
             self._seed = _check_seed(seed)
-        self._episode_seed = self._draw_episode_seed()
         self._history.clear()
         self._chunks.clear()
         self.tick = 0
@@ -229,18 +220,11 @@ class BatchController:
                 stacked = stacked.astype(np.float32, copy=False)
             obs[key] = torch.from_numpy(stacked).to(self.device)
         generator = None
-        if self._episode_seed is not None:
-            chunk = 0 if self.fixed_noise else self.n_plans
-            entropy = np.random.SeedSequence([*self._episode_seed, chunk])
+        if self._seed is not None:
+            entropy = np.random.SeedSequence([*self._seed, self.n_plans])
             generator = torch.Generator().manual_seed(int(entropy.generate_state(1)[0]))
         self.n_plans += 1
         return _Request(obs=obs, start=self.tick, generator=generator)
-
-    def _draw_episode_seed(self) -> tuple[int, ...] | None:
-        """The seed of this episode's noise: the given one, or with ``fixed_noise`` a new one."""
-        if self._seed is None and self.fixed_noise:
-            return (int(torch.randint(2**62, ()).item()),)  # the global generator's draw
-        return self._seed
 
     # -- planning ---------------------------------------------------------------------------
     def _plan(self, request: _Request) -> _Chunk:

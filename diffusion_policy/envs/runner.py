@@ -120,7 +120,6 @@ class EnvRunner:
             (0: when it runs out); see :class:`~diffusion_policy.deploy.controller.BatchController`.
         ensemble_decay: Temporal ensembling of overlapping chunks (needs ``replan_at >= 1``);
             None executes the newest chunk's actions.
-        fixed_noise: Sample every chunk of an episode from the same noise.
         n_envs: Parallel envs per wave; None runs every episode in one wave (best policy
             batching with ``"sync"``).
         vectorization: ``"sync"`` (one process) or ``"async"`` (a process per env).
@@ -152,7 +151,6 @@ class EnvRunner:
         n_action_steps: int = 8,
         replan_at: int = 0,
         ensemble_decay: float | None = None,
-        fixed_noise: bool = False,
         n_envs: int | None = None,
         vectorization: str = "sync",
         step_timeout_s: float | None = 60.0,
@@ -188,7 +186,6 @@ class EnvRunner:
         self.n_action_steps = n_action_steps
         self.replan_at = replan_at
         self.ensemble_decay = ensemble_decay
-        self.fixed_noise = fixed_noise
         self.n_envs = min(n_envs or len(self.seeds), len(self.seeds))
         self.vectorization = vectorization
         self.step_timeout_s = step_timeout_s
@@ -303,7 +300,6 @@ class EnvRunner:
             action_dim=envs.single_action_space.shape[0],
             replan_at=self.replan_at,
             ensemble_decay=self.ensemble_decay,
-            fixed_noise=self.fixed_noise,
             seed=None if self.sampling_seed is None else [self.sampling_seed, *wave.seeds],
         )
         step = 0

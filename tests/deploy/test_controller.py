@@ -118,23 +118,6 @@ def test_seed_gives_a_fresh_generator_per_chunk_reproducibly():
     assert policy.generators == [None]  # unseeded: the policy's own generator
 
 
-def test_fixed_noise_samples_every_chunk_of_an_episode_from_the_same_seed():
-    def first_draws(controller):
-        policy.generators.clear()
-        controller.reset()
-        _run(controller, range(4))  # 2 chunks
-        return [torch.rand(1, generator=g).item() for g in policy.generators]
-
-    policy = EchoPolicy(n_obs_steps=1, n_action_steps=2)
-    seeded = Controller(policy, seed=7, fixed_noise=True)
-    draws = first_draws(seeded)
-    assert len(draws) == 2 and draws[0] == draws[1]
-    assert first_draws(seeded) == draws  # the same seed: the same noise next episode
-    unseeded = Controller(policy, fixed_noise=True)
-    a, b = first_draws(unseeded), first_draws(unseeded)
-    assert a[0] == a[1] and b[0] == b[1] and a != b  # a new noise per episode
-
-
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
