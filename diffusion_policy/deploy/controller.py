@@ -121,7 +121,9 @@ class BatchController:
         self.policy = policy
         self.n_obs_steps = _size(n_obs_steps, policy, "n_obs_steps")
         self.n_action_steps = _size(n_action_steps, policy, "n_action_steps")
-        check_replanning(self.n_action_steps, replan_at, background, ensemble_decay)
+        check_replanning(
+            self.n_action_steps, replan_at, background=background, ensemble_decay=ensemble_decay
+        )
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.action_dim = action_dim
         self.replan_at = replan_at
@@ -339,7 +341,7 @@ class Controller:
 
 
 def check_replanning(
-    n_action_steps: int, replan_at: int, background: bool, ensemble_decay: float | None
+    n_action_steps: int, replan_at: int, *, background: bool, ensemble_decay: float | None
 ) -> None:
     """Checks the controller's planning options (see :class:`BatchController`).
 

@@ -167,7 +167,7 @@ class EnvRunner:
         if max_steps < 1:
             raise ValueError(f"max_steps={max_steps} must be >= 1")
         check_window(None, n_obs_steps, n_action_steps)  # the policy has the horizon
-        check_replanning(n_action_steps, replan_at, False, ensemble_decay)
+        check_replanning(n_action_steps, replan_at, background=False, ensemble_decay=ensemble_decay)
         if n_envs is not None and n_envs < 1:
             raise ValueError(f"n_envs={n_envs} must be >= 1 or None")
         if vectorization not in VECTORIZATIONS:
