@@ -17,7 +17,7 @@ from pathlib import Path
 from diffusion_policy.data.blockpush_dataset import blockpush_store_path
 from diffusion_policy.envs.blockpush_env import LAYOUTS
 from diffusion_policy.envs.blockpush_oracle import generate_blockpush
-from diffusion_policy.envs.blockpush_scoring import demo_mode_fractions
+from diffusion_policy.envs.blockpush_scoring import demo_mode_fractions, demo_pace
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{stats['seconds']:.1f}s; oracle success {stats['oracle_success_rate']:.3f} "
         f"over {stats['n_tried']} seeds"
     )
-    for key, value in demo_mode_fractions(dest).items():
+    for key, value in {**demo_mode_fractions(dest), **demo_pace(dest)}.items():
         print(f"{key}: {value:.3f}")
     return 0
 

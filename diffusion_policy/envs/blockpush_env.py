@@ -204,6 +204,7 @@ class BlockPushEnv(gym.Env):
         self._first_block = -1
         self._first_zone = -1
         self._block_xy = np.zeros((2, 2))  # the blocks' x, y after the last step
+        self._effector = np.zeros(2)  # the pusher's x, y after the last step
 
     # -- gym API ----------------------------------------------------------------------------
     def reset(
@@ -218,7 +219,9 @@ class BlockPushEnv(gym.Env):
         self._follow_with_arm()
         blocks = self.block_poses()  # (2, 3)
         self._block_xy = blocks[:, :2]
-        return self._obs(blocks), self._info(self._block_zones(self._block_xy), moved=0.0)
+        self._effector = self.effector_xy()
+        info = self._info(self._block_zones(self._block_xy), moved=0.0, move=np.zeros(2))
+        return self._obs(blocks), info
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         """Moves the effector target by ``action`` (dx, dy), or toward it with ``abs_action``,
@@ -254,7 +257,10 @@ class BlockPushEnv(gym.Env):
         if success:
             reward += BOTH_REWARD
         moved = float(np.linalg.norm(block_xy - last_xy, axis=1).max())
-        return self._obs(blocks), reward, success, False, self._info(zones, moved)
+        effector, last_effector = self.effector_xy(), self._effector
+        self._effector = effector
+        info = self._info(zones, moved, move=effector - last_effector)
+        return self._obs(blocks), reward, success, False, info
 
     def render(self) -> np.ndarray:
         """An (H, W, 3) uint8 frame from above the workspace (pybullet's TinyRenderer)."""
@@ -412,12 +418,13 @@ class BlockPushEnv(gym.Env):
         return out
 
     def _obs(self, blocks: np.ndarray) -> np.ndarray:
-        """The 16-value observation, with the blocks' (2, 3) poses already read."""
+        """The 16-value observation, with the blocks' (2, 3) poses and the effector already
+        read."""
         zones = self._layout["zones"]  # (2, 3)
-        obs = np.concatenate([blocks[0], blocks[1], self.effector_xy(), self._target, *zones])
+        obs = np.concatenate([blocks[0], blocks[1], self._effector, self._target, *zones])
         return obs.astype(np.float32)  # (16,)
 
-    def _info(self, zones: list[int], moved: float) -> dict[str, Any]:
+    def _info(self, zones: list[int], moved: float, move: np.ndarray) -> dict[str, Any]:
         return {
             "block0_zone": int(zones[0]),
             "block1_zone": int(zones[1]),
@@ -425,6 +432,7 @@ class BlockPushEnv(gym.Env):
             "first_zone": int(self._first_zone),
             "is_success": bool(min(zones) >= 0 and zones[0] != zones[1]),
             "block_moved": moved,
+            "effector_move": move,  # (2,) the pusher's x, y travel over the step
         }
 
 

@@ -12,6 +12,11 @@ when any did), for rollouts as for the demonstrations (:func:`demo_mode_fraction
 Stalls: a policy that loses a block often wanders for the rest of the episode without touching
 either; ``idle_steps`` counts an episode's steps after the last one that moved a block, and
 ``stalled`` is the fraction of episodes that ended unfinished after :data:`STALL_STEPS` of them.
+
+Pace: a policy can place both blocks and still run out of steps. ``effector_step`` is the
+pusher's mean travel per step, ``reversals`` the fraction of its moving steps that turn back
+(:func:`pace`, for rollouts as for the demonstrations: :func:`demo_pace`), and
+``success_steps`` the mean length of the successful episodes.
 """
 
 from __future__ import annotations
@@ -32,6 +37,29 @@ P2_THRESHOLD = 0.9
 IDLE_MOVE = 0.002  # metres: a step that moves no block farther than this is idle
 STALL_STEPS = 100  # an unfinished episode whose last this many steps were idle has stalled
 MODES = [(first, zone) for first in (0, 1) for zone in (0, 1)]  # (first block, zone of block 0)
+MOVING_STEP = 0.005  # metres: the pusher moves at a step that takes it at least this far
+REVERSAL_COS = -0.5  # a moving step turned back more than 120 degrees from the one before
+
+
+def pace(moves: np.ndarray) -> tuple[float, float]:
+    """How fast and how steadily the pusher travels.
+
+    Args:
+        moves: (T, 2) the pusher's x, y travel over each step.
+
+    Returns:
+        ``(effector_step, reversals)``: the mean travel per step (metres), and the fraction of
+        consecutive pairs of moving steps (:data:`MOVING_STEP`) whose directions differ by more
+        than 120 degrees (0 when there are none).
+    """
+    moves = np.asarray(moves, dtype=np.float64).reshape(-1, 2)  # (T, 2)
+    if len(moves) == 0:
+        return 0.0, 0.0
+    length = np.linalg.norm(moves, axis=1)  # (T,)
+    moving = moves[length >= MOVING_STEP] / length[length >= MOVING_STEP, None]  # (M, 2) unit
+    cos = (moving[1:] * moving[:-1]).sum(axis=1)  # (M - 1,)
+    reversals = float(np.mean(cos < REVERSAL_COS)) if len(cos) else 0.0
+    return float(length.mean()), reversals
 
 
 def mode_key(first_block: int, zone_of_block0: int) -> str:
@@ -77,6 +105,10 @@ class BlockPushScorer(Scorer):
     block). ``summarize`` gives ``p1``, ``p2``, the mode fractions (:func:`mode_fractions`),
     ``idle_steps`` (the mean) and ``stalled`` (the fraction of unfinished episodes with at
     least :data:`STALL_STEPS` idle steps at the end).
+
+    Pace (:func:`pace`): ``extra`` also holds ``effector_step`` and ``reversals``; ``summarize``
+    gives their means, and ``success_steps`` (the mean length of the successful episodes) when
+    there is one.
     """
 
     def score(self, rewards: Sequence[float], infos: Sequence[dict[str, Any]]) -> EpisodeScore:
@@ -90,6 +122,7 @@ class BlockPushScorer(Scorer):
                 break
         moved = [float(info.get("block_moved", 0.0)) > IDLE_MOVE for info in infos]
         idle = moved[::-1].index(True) if any(moved) else len(moved)
+        step, reversals = pace([info.get("effector_move", (0.0, 0.0)) for info in infos])
         return EpisodeScore(
             score=total,
             success=total > P2_THRESHOLD,
@@ -99,6 +132,8 @@ class BlockPushScorer(Scorer):
                 "block0_zone": int(last.get("block0_zone", -1)),
                 "block1_zone": int(last.get("block1_zone", -1)),
                 "idle_steps": idle,
+                "effector_step": step,
+                "reversals": reversals,
             },
         )
 
@@ -107,13 +142,23 @@ class BlockPushScorer(Scorer):
         first = np.array([ep.extra.get("first_block", -1) for ep in episodes])
         zone0 = np.array([ep.extra.get("zone_of_block0", -1) for ep in episodes])
         idle = np.array([ep.extra.get("idle_steps", 0) for ep in episodes])  # (N,)
-        return {
+
+        def mean(key: str) -> float:
+            return float(np.mean([ep.extra.get(key, 0.0) for ep in episodes]))
+
+        summary = {
             "p1": float(np.mean(scores > P1_THRESHOLD)),
             "p2": float(np.mean(scores > P2_THRESHOLD)),
             **mode_fractions(first, zone0),
             "idle_steps": float(idle.mean()),
             "stalled": float(np.mean((idle >= STALL_STEPS) & (scores <= P2_THRESHOLD))),
+            "effector_step": mean("effector_step"),
+            "reversals": mean("reversals"),
         }
+        lengths = [ep.steps for ep in episodes if ep.score > P2_THRESHOLD]
+        if lengths:  # no success, no length to report
+            summary["success_steps"] = float(np.mean(lengths))
+        return summary
 
 
 def demo_mode_fractions(path: str | Path) -> dict[str, float]:
@@ -126,3 +171,27 @@ def demo_mode_fractions(path: str | Path) -> dict[str, float]:
     buffer = ReplayBuffer.open(path, keys=["first_block", "zone_of_block0"])
     starts = np.concatenate([[0], buffer.episode_ends[:-1]])  # (E,) first step of each episode
     return mode_fractions(buffer["first_block"][starts], buffer["zone_of_block0"][starts])
+
+
+def demo_pace(path: str | Path) -> dict[str, float]:
+    """The demonstrations' pace, for comparison with rollouts' (:func:`pace`).
+
+    Reads ``data/obs`` (the effector's x, y at indices 6, 7) and the episode ends.
+
+    Returns:
+        ``effector_step`` and ``reversals``, averaged over episodes, and ``steps`` (the mean
+        episode length).
+    """
+    from diffusion_policy.data.replay_buffer import ReplayBuffer
+
+    buffer = ReplayBuffer.open(path, keys=["obs"])
+    ends = np.asarray(buffer.episode_ends)  # (E,)
+    xy = np.asarray(buffer["obs"][:, 6:8])  # (N, 2) the effector
+    paces = [pace(np.diff(episode, axis=0)) for episode in np.split(xy, ends[:-1])]
+    step, reversals = np.mean(paces, axis=0)  # (2,) over episodes
+    lengths = np.diff(ends, prepend=0)  # (E,)
+    return {
+        "effector_step": float(step),
+        "reversals": float(reversals),
+        "steps": float(lengths.mean()),
+    }

@@ -9,7 +9,13 @@ import torch
 from diffusion_policy.data.blockpush_dataset import BlockPushLowdimDataset
 from diffusion_policy.data.replay_buffer import ReplayBuffer
 from diffusion_policy.envs.blockpush_oracle import ensure_blockpush_dataset, generate_blockpush
-from diffusion_policy.envs.blockpush_scoring import MODES, demo_mode_fractions, mode_key
+from diffusion_policy.envs.blockpush_scoring import (
+    MODES,
+    demo_mode_fractions,
+    demo_pace,
+    mode_key,
+    pace,
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +50,16 @@ def test_demo_mode_fractions_sum_to_one(store):
     fractions = demo_mode_fractions(store)
     assert sum(fractions[mode_key(*m)] for m in MODES) == pytest.approx(1.0)
     assert 0.0 <= fractions["mode/b0_first"] <= 1.0
+
+
+def test_demo_pace_averages_the_episodes_pace(store):
+    buffer = ReplayBuffer.open(store)
+    per_episode = [pace(np.diff(buffer.get_episode(i)["obs"][:, 6:8], axis=0)) for i in range(4)]
+    demos = demo_pace(store)
+    assert demos["steps"] == pytest.approx(buffer.n_steps / 4)
+    assert demos["effector_step"] == pytest.approx(np.mean([p[0] for p in per_episode]))
+    assert demos["reversals"] == pytest.approx(np.mean([p[1] for p in per_episode]))
+    assert 0.01 < demos["effector_step"] < 0.05  # the oracle pushes at 2-3.5 cm per step
 
 
 def test_dataset_windows_and_shape_meta(store):

@@ -107,6 +107,16 @@ def test_target_moves_by_the_clipped_action_and_stays_in_the_workspace(env):
         env.step(np.zeros(3))
 
 
+def test_info_holds_the_pushers_travel_over_the_step(env):
+    obs, info = env.reset(seed=3)
+    np.testing.assert_array_equal(info["effector_move"], [0.0, 0.0])
+    for move in ([0.03, 0.0], [0.0, -0.02], [-0.01, 0.01]):
+        last = obs[6:8].astype(np.float64)
+        obs, _, _, _, info = env.step(np.array(move))
+        np.testing.assert_allclose(info["effector_move"], obs[6:8] - last, atol=1e-6)
+    assert np.linalg.norm(info["effector_move"]) > 0.005  # the pusher followed its target
+
+
 def test_the_pusher_pushes_a_block_through_contact():
     env = BlockPushEnv(layout="wide")
     obs, _ = env.reset(seed=0)

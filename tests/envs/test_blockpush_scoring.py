@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from diffusion_policy.envs.blockpush_runner import BlockPushRunner
-from diffusion_policy.envs.blockpush_scoring import BlockPushScorer, mode_fractions
+from diffusion_policy.envs.blockpush_scoring import BlockPushScorer, mode_fractions, pace
 from diffusion_policy.envs.episodes import EpisodeResult
 
 
 def _info(
-    b0: int = -1, b1: int = -1, first: int = -1, first_zone: int = -1, moved: float = 0.0
+    b0: int = -1,
+    b1: int = -1,
+    first: int = -1,
+    first_zone: int = -1,
+    moved: float = 0.0,
+    move: tuple[float, float] = (0.0, 0.0),
 ) -> dict:
     both = b0 >= 0 and b1 >= 0 and b0 != b1
     return {
         "block0_zone": b0, "block1_zone": b1, "first_block": first, "first_zone": first_zone,
-        "is_success": both, "block_moved": moved,
+        "is_success": both, "block_moved": moved, "effector_move": np.array(move),
     }  # fmt: skip
 
 
@@ -24,7 +30,8 @@ def test_nothing_placed_scores_zero():
     s = BlockPushScorer().score([0.0] * 5, [_info()] * 5)
     assert (s.score, s.success) == (0.0, False)
     none = {"first_block": -1, "zone_of_block0": -1, "block0_zone": -1, "block1_zone": -1}
-    assert s.extra == {**none, "idle_steps": 5}  # no block ever moved
+    still = {"effector_step": 0.0, "reversals": 0.0}
+    assert s.extra == {**none, "idle_steps": 5, **still}  # nothing ever moved
 
 
 def test_one_block_placed_is_p1_only():
@@ -59,6 +66,34 @@ def test_idle_steps_count_from_the_last_step_that_moved_a_block():
     moves = [0.0, 0.01, 0.003, 0.001, 0.0, 0.0015]  # moves of more than 2 mm at steps 1, 2
     s = BlockPushScorer().score([0.0] * 6, [_info(moved=m) for m in moves])
     assert s.extra["idle_steps"] == 3
+
+
+def test_pace_is_travel_per_step_and_the_share_of_moving_steps_that_turn_back():
+    # Moving steps +x, -x (back), +x (back), +y (a right angle: not a reversal); a 1 mm step
+    # is not moving and does not break the sequence.
+    moves = np.array([[0.02, 0.0], [-0.02, 0.0], [0.001, 0.0], [0.01, 0.0], [0.0, 0.03]])
+    step, reversals = pace(moves)
+    assert step == pytest.approx((0.02 + 0.02 + 0.001 + 0.01 + 0.03) / 5)
+    assert reversals == pytest.approx(2 / 3)
+    assert pace(np.zeros((0, 2))) == (0.0, 0.0)
+    assert pace([[0.03, 0.0]] * 4) == (pytest.approx(0.03), 0.0)  # straight on
+
+
+def test_score_and_summary_carry_the_pace():
+    moves = [(0.02, 0.0), (-0.02, 0.0), (0.02, 0.0)]
+    infos = [_info(move=m) for m in moves[:2]] + [_info(0, 1, 0, 0, move=moves[2])]
+    done = BlockPushScorer().score([0.0, 0.0, 1.0], infos)
+    assert done.extra["reversals"] == pytest.approx(1.0)
+    assert done.extra["effector_step"] == pytest.approx(0.02)
+    slow = BlockPushScorer().score([0.0] * 5, [_info(move=(0.01, 0.0))] * 5)
+    episodes = [
+        EpisodeResult(0, "test", score=s.score, success=s.success, steps=n, extra=s.extra)
+        for s, n in ((done, 3), (slow, 5))
+    ]
+    m = BlockPushScorer().summarize(episodes)
+    assert m["effector_step"] == pytest.approx(0.015) and m["reversals"] == pytest.approx(0.5)
+    assert m["success_steps"] == 3  # the unfinished episode's 5 steps are not a success's
+    assert "success_steps" not in BlockPushScorer().summarize(episodes[1:])
 
 
 def test_summary_counts_unfinished_episodes_that_ended_idle_as_stalled():
