@@ -66,6 +66,8 @@ def main(cfg: DictConfig) -> None:
     if cfg.get("noise_scheduler"):
         scheduler = sampling_scheduler(train_cfg.noise_scheduler, cfg.noise_scheduler)
     policy.set_sampler(scheduler, cfg.num_inference_steps)
+    if cfg.runner.get("n_action_steps") is not None:  # chunks as long as the runner executes
+        policy.set_n_action_steps(cfg.runner.n_action_steps)
     if cfg.compile:
         policy.compile_sampling(whole_loop=False)  # a quick compile; float32 round-off apart
 
@@ -89,6 +91,7 @@ def main(cfg: DictConfig) -> None:
         "n_action_steps": runner.n_action_steps,
         "replan_at": runner.replan_at,
         "ensemble_decay": runner.ensemble_decay,
+        "coherence_samples": runner.coherence_samples,
         **summary,
         "per_episode": result.get("per_episode", []),
         "videos": [str(v) for v in result.get("videos", [])],

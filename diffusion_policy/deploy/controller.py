@@ -24,6 +24,13 @@ Options, both off by default (the runner's protocol: plan when the chunk runs ou
   2023): the action of a tick is the average of every kept chunk's action for it, weighted
   ``exp(-m * i)`` with ``i = 0`` for the oldest chunk. Chunks overlap only when planned early,
   so it needs ``replan_at >= 1``; ``replan_at = n_action_steps - 1`` plans at every tick.
+- ``coherence_samples=K``: backward coherence, as in bidirectional decoding (Liu et al., 2024):
+  each plan samples ``K`` chunks per robot and keeps the one whose predicted actions agree best
+  (least squared distance) with what the previous plan predicted for the same ticks, so that
+  re-planning often does not hop between modes of the policy from one plan to the next. It
+  needs the policy's whole prediction, ``"action_pred"`` (B, H, Da) with index
+  ``n_obs_steps - 1`` at the planning tick (as :class:`DiffusionPolicy` returns it), and costs
+  ``K`` times the sampling.
 
 Sampling noise: with a ``seed``, chunk ``j`` after a reset is sampled with a fresh
 ``torch.Generator`` seeded from ``(seed, j)``, so a session's actions do not depend on the
@@ -69,6 +76,7 @@ class _Chunk:
 
     start: int
     actions: np.ndarray  # (B, n, Da)
+    future: np.ndarray | None = None  # (B, H', Da) all predicted actions from tick start on
 
     @property
     def end(self) -> int:
@@ -100,6 +108,8 @@ class BatchController:
             ``exp(-ensemble_decay * i)``, oldest first; None takes the newest chunk's action.
         seed: Seeds the sampling noise of each chunk (see the module docstring); None leaves
             it to the policy (the global random generator).
+        coherence_samples: Chunks sampled per plan, of which the one that agrees best with
+            the previous plan is kept (see the module docstring); 1 keeps every sample.
 
     Raises:
         ValueError: A size or option out of range, naming it.
@@ -117,21 +127,28 @@ class BatchController:
         background: bool = False,
         ensemble_decay: float | None = None,
         seed: Seed | None = None,
+        coherence_samples: int = 1,
     ) -> None:
         self.policy = policy
         self.n_obs_steps = _size(n_obs_steps, policy, "n_obs_steps")
         self.n_action_steps = _size(n_action_steps, policy, "n_action_steps")
         check_replanning(
-            self.n_action_steps, replan_at, background=background, ensemble_decay=ensemble_decay
+            self.n_action_steps,
+            replan_at,
+            background=background,
+            ensemble_decay=ensemble_decay,
+            coherence_samples=coherence_samples,
         )
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.action_dim = action_dim
         self.replan_at = replan_at
         self.ensemble_decay = ensemble_decay
+        self.coherence_samples = coherence_samples
         self._executor = ThreadPoolExecutor(1, "plan") if background else None
         self._seed = _check_seed(seed)
         self._history: deque[dict[str, np.ndarray]] = deque(maxlen=self.n_obs_steps)
         self._chunks: list[_Chunk] = []  # oldest first
+        self._previous: _Chunk | None = None  # the last plan adopted, for coherence
         self._future: Future[_Chunk] | None = None
         self.tick = 0  # act() calls since the reset: the index of the next tick
         self.planned: np.ndarray | None = None  # the policy's (B, Ta, Da) adopted at this tick
@@ -150,6 +167,7 @@ class BatchController:
             self._seed = _check_seed(seed)
         self._history.clear()
         self._chunks.clear()
+        self._previous = None
         self.tick = 0
         self.planned = None
         self.last_wait_s = 0.0
@@ -230,16 +248,36 @@ class BatchController:
 
     # -- planning ---------------------------------------------------------------------------
     def _plan(self, request: _Request) -> _Chunk:
+        k = self.coherence_samples
+        obs = request.obs
+        if k > 1:  # k samples per robot, sample-major: row j * B + b
+            obs = {key: v.repeat(k, *[1] * (v.dim() - 1)) for key, v in obs.items()}
         kwargs = {} if request.generator is None else {"generator": request.generator}
         with torch.no_grad():  # thread-local: set here for a background thread too
-            out = self.policy.predict_action(request.obs, **kwargs)
-        if ACTION not in out:
-            raise KeyError(f"predict_action must return an {ACTION!r} entry, got keys {list(out)}")
-        action = out[ACTION]
+            out = self.policy.predict_action(obs, **kwargs)
+        batch = next(iter(obs.values())).shape[0]
+        action = self._checked_actions(out, ACTION, batch)  # (k * B, Ta, Da)
+        if action.shape[1] < self.n_action_steps:
+            raise ValueError(
+                f"predict_action returned chunks of {action.shape[1]} actions, fewer than "
+                f"n_action_steps={self.n_action_steps}: execute fewer, or have the policy return "
+                "more (DiffusionPolicy.set_n_action_steps)"
+            )
+        if k == 1:
+            return _Chunk(start=request.start, actions=action)
+        future = self._checked_actions(out, "action_pred", batch)[:, self.n_obs_steps - 1 :]
+        pick = self._most_coherent(future.reshape(k, batch // k, *future.shape[1:]), request)
+        rows = pick * (batch // k) + np.arange(batch // k)  # (B,)
+        return _Chunk(start=request.start, actions=action[rows], future=future[rows])
+
+    def _checked_actions(self, out: Mapping[str, Any], key: str, batch: int) -> np.ndarray:
+        """``out[key]`` as a float32 (batch, n, Da) array, or an error naming what is wrong."""
+        if key not in out:
+            raise KeyError(f"predict_action must return an {key!r} entry, got keys {list(out)}")
+        action = out[key]
         if isinstance(action, torch.Tensor):
             action = action.detach().float().cpu().numpy()
         action = np.asarray(action, dtype=np.float32)
-        batch = next(iter(request.obs.values())).shape[0]
         expected = f"({batch}, Ta, {self.action_dim if self.action_dim is not None else 'Da'})"
         if (
             action.ndim != 3
@@ -248,10 +286,22 @@ class BatchController:
             or (self.action_dim is not None and action.shape[2] != self.action_dim)
         ):
             raise ValueError(
-                f"predict_action returned action of shape {tuple(action.shape)}, "
-                f"expected {expected}"
+                f"predict_action returned {key} of shape {tuple(action.shape)}, expected {expected}"
             )
-        return _Chunk(start=request.start, actions=action)
+        return action
+
+    def _most_coherent(self, futures: np.ndarray, request: _Request) -> np.ndarray:
+        """Per robot, the sample (K, B, H', Da) closest to the previous plan over the ticks
+        both predict; sample 0 where there is no previous plan. Returns (B,) indices."""
+        previous = self._previous
+        if previous is None or previous.future is None:
+            return np.zeros(futures.shape[1], dtype=np.int64)
+        old = previous.future[:, request.start - previous.start :]  # (B, L0, Da) from now on
+        overlap = min(old.shape[1], futures.shape[2])
+        if overlap == 0:
+            return np.zeros(futures.shape[1], dtype=np.int64)
+        diff = futures[:, :, :overlap] - old[None, :, :overlap]  # (K, B, L, Da)
+        return np.square(diff).sum(axis=(2, 3)).argmin(axis=0)  # (B,)
 
     def _wait(self, future: Future[_Chunk]) -> _Chunk:
         tic = time.perf_counter()
@@ -262,6 +312,7 @@ class BatchController:
     def _adopt(self, chunk: _Chunk) -> None:
         """Keeps a planned chunk's first n_action_steps actions from this tick on."""
         self.planned = chunk.actions
+        self._previous = chunk
         skip = self.tick - chunk.start  # ticks that passed while it was planned
         kept = _Chunk(self.tick, chunk.actions[:, skip : self.n_action_steps])  # (B, n, Da)
         if kept.actions.shape[1] == 0:
@@ -341,7 +392,12 @@ class Controller:
 
 
 def check_replanning(
-    n_action_steps: int, replan_at: int, *, background: bool, ensemble_decay: float | None
+    n_action_steps: int,
+    replan_at: int,
+    *,
+    background: bool,
+    ensemble_decay: float | None,
+    coherence_samples: int = 1,
 ) -> None:
     """Checks the controller's planning options (see :class:`BatchController`).
 
@@ -362,6 +418,8 @@ def check_replanning(
             f"ensemble_decay={ensemble_decay} must be >= 0 and needs replan_at >= 1 (got "
             f"{replan_at}) for chunks to overlap"
         )
+    if int(coherence_samples) != coherence_samples or coherence_samples < 1:
+        raise ValueError(f"coherence_samples={coherence_samples} must be an integer >= 1")
 
 
 def _size(value: int | None, policy: Any, name: str) -> int:

@@ -120,6 +120,8 @@ class EnvRunner:
             (0: when it runs out); see :class:`~diffusion_policy.deploy.controller.BatchController`.
         ensemble_decay: Temporal ensembling of overlapping chunks (needs ``replan_at >= 1``);
             None executes the newest chunk's actions.
+        coherence_samples: Chunks sampled per plan, the one that agrees best with the
+            previous plan kept (backward coherence); 1 keeps every sample.
         n_envs: Parallel envs per wave; None runs every episode in one wave (best policy
             batching with ``"sync"``).
         vectorization: ``"sync"`` (one process) or ``"async"`` (a process per env).
@@ -151,6 +153,7 @@ class EnvRunner:
         n_action_steps: int = 8,
         replan_at: int = 0,
         ensemble_decay: float | None = None,
+        coherence_samples: int = 1,
         n_envs: int | None = None,
         vectorization: str = "sync",
         step_timeout_s: float | None = 60.0,
@@ -167,7 +170,13 @@ class EnvRunner:
         if max_steps < 1:
             raise ValueError(f"max_steps={max_steps} must be >= 1")
         check_window(None, n_obs_steps, n_action_steps)  # the policy has the horizon
-        check_replanning(n_action_steps, replan_at, background=False, ensemble_decay=ensemble_decay)
+        check_replanning(
+            n_action_steps,
+            replan_at,
+            background=False,
+            ensemble_decay=ensemble_decay,
+            coherence_samples=coherence_samples,
+        )
         if n_envs is not None and n_envs < 1:
             raise ValueError(f"n_envs={n_envs} must be >= 1 or None")
         if vectorization not in VECTORIZATIONS:
@@ -186,6 +195,7 @@ class EnvRunner:
         self.n_action_steps = n_action_steps
         self.replan_at = replan_at
         self.ensemble_decay = ensemble_decay
+        self.coherence_samples = coherence_samples
         self.n_envs = min(n_envs or len(self.seeds), len(self.seeds))
         self.vectorization = vectorization
         self.step_timeout_s = step_timeout_s
@@ -300,6 +310,7 @@ class EnvRunner:
             action_dim=envs.single_action_space.shape[0],
             replan_at=self.replan_at,
             ensemble_decay=self.ensemble_decay,
+            coherence_samples=self.coherence_samples,
             seed=None if self.sampling_seed is None else [self.sampling_seed, *wave.seeds],
         )
         step = 0

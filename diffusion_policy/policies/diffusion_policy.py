@@ -94,6 +94,18 @@ class DiffusionPolicy(nn.Module):
         self.inference_dtype = torch.float32  # the denoiser's when sampling (see below)
         self._compiled_sample: Callable[..., torch.Tensor] | None = None
 
+    def set_n_action_steps(self, n_action_steps: int) -> None:
+        """Returns chunks of ``n_action_steps`` actions from now on, without retraining.
+
+        Args:
+            n_action_steps: Actions per returned chunk (Ta), from the last observed step on.
+
+        Raises:
+            ValueError: The window ``n_obs_steps - 1 + n_action_steps`` exceeds the horizon.
+        """
+        check_window(self.horizon, self.n_obs_steps, n_action_steps)
+        self.n_action_steps = n_action_steps
+
     def set_sampler(
         self, noise_scheduler: SchedulerMixin, num_inference_steps: int | None = None
     ) -> None:

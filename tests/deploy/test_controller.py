@@ -1,4 +1,4 @@
-"""The controller's history, queue, early planning, ensembling and seeding, by hand."""
+"""The controller's history, queue, early planning, ensembling, seeding and coherence, by hand."""
 
 from __future__ import annotations
 
@@ -118,9 +118,54 @@ def test_seed_gives_a_fresh_generator_per_chunk_reproducibly():
     assert policy.generators == [None]  # unseeded: the policy's own generator
 
 
+class TwoWays:
+    """Plans to walk one unit per tick from the observed position, forward or back at random.
+
+    Action ``i`` of a plan made at position ``x`` is ``x + sign * (i + 1)`` (the position after
+    tick ``i``); ``action_pred`` is the whole plan, its first action at the planning tick.
+    """
+
+    n_obs_steps, n_action_steps, horizon = 1, 1, 4
+
+    def predict_action(self, obs, generator=None):
+        x = obs["obs"][:, -1:, :]  # (B, 1, 1) the position now
+        sign = torch.randint(0, 2, x.shape, generator=generator) * 2 - 1  # (B, 1, 1)
+        plan = x + sign * torch.arange(1, self.horizon + 1).view(1, -1, 1)  # (B, H, 1)
+        return {"action": plan[:, :1], "action_pred": plan}
+
+
+def _walk(controller: BatchController, ticks: int = 20) -> np.ndarray:
+    """Positions of 3 walkers over the ticks, each action being the next position."""
+    position = np.zeros((3, 1), dtype=np.float32)
+    path = []
+    for _ in range(ticks):
+        position = controller.act(position)  # (3, 1)
+        path.append(position[:, 0])
+    return np.stack(path, axis=1)  # (3, ticks)
+
+
+def test_coherence_keeps_each_robot_on_the_way_its_first_plan_took():
+    steps = np.diff(_walk(BatchController(TwoWays(), seed=0)), axis=1)  # (3, 19) of +-1
+    assert (steps[:, 1:] != steps[:, :-1]).any()  # fresh samples change ways
+    coherent = BatchController(TwoWays(), seed=0, coherence_samples=8)
+    steps = np.diff(_walk(coherent), axis=1)
+    assert (np.abs(steps) == 1).all()
+    assert (steps == steps[:, :1]).all()  # each robot's first way, to the end
+    coherent.reset()  # a new episode owes nothing to the last one's plans
+    assert coherent._previous is None
+
+
+def test_coherence_needs_the_whole_prediction():
+    with pytest.raises(KeyError, match="'action_pred' entry"):
+        Controller(EchoPolicy(n_obs_steps=1, n_action_steps=2), coherence_samples=2).act(
+            np.zeros(1)
+        )
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
+        ({"coherence_samples": 0}, "coherence_samples=0 must be an integer >= 1"),
         ({"replan_at": 4}, "replan_at=4 must be in"),
         ({"replan_at": 0, "background": True}, "background planning with replan_at=0"),
         ({"ensemble_decay": 0.1}, "ensemble_decay=0.1"),
@@ -145,3 +190,6 @@ def test_malformed_policy_output_is_named():
         Controller(NoAction(), n_obs_steps=1, n_action_steps=1).act(np.zeros(1))
     with pytest.raises(ValueError, match=r"shape \(1, 2\), expected \(1, Ta, Da\)"):
         Controller(WrongShape(), n_obs_steps=1, n_action_steps=1).act(np.zeros(1))
+    short = EchoPolicy(n_obs_steps=1, n_action_steps=2, chunk=2)  # returns 2 actions a plan
+    with pytest.raises(ValueError, match="chunks of 2 actions, fewer than n_action_steps=3"):
+        Controller(short, n_action_steps=3).act(np.zeros(1))

@@ -128,11 +128,13 @@ def test_runner_rejects_bad_actions_and_arguments():
 
 def test_runner_replans_and_ensembles_as_the_controller():
     class CountingPolicy:
-        calls = 0
+        calls = rows = 0
 
         def predict_action(self, obs):
             self.calls += 1
-            return {"action": torch.zeros(obs["obs"].shape[0], 4, 2)}
+            self.rows += obs["obs"].shape[0]
+            chunk = torch.zeros(obs["obs"].shape[0], 4, 2)
+            return {"action": chunk, "action_pred": torch.cat([chunk, chunk], dim=1)}
 
     kwargs = dict(n_test=1, test_start_seed=3, n_train=0, max_steps=10, progress=False)
     policy = CountingPolicy()
@@ -141,10 +143,15 @@ def test_runner_replans_and_ensembles_as_the_controller():
     policy = CountingPolicy()
     EnvRunner(CountdownEnv, n_action_steps=4, replan_at=3, ensemble_decay=0.0, **kwargs).run(policy)
     assert policy.calls == 4  # a plan every step
+    policy = CountingPolicy()
+    EnvRunner(CountdownEnv, n_action_steps=4, coherence_samples=3, **kwargs).run(policy)
+    assert (policy.calls, policy.rows) == (1, 3)  # one plan of 3 samples for the one env
     with pytest.raises(ValueError, match="replan_at=4"):
         EnvRunner(CountdownEnv, n_action_steps=4, replan_at=4)
     with pytest.raises(ValueError, match="ensemble_decay=0.1"):
         EnvRunner(CountdownEnv, n_action_steps=4, ensemble_decay=0.1)
+    with pytest.raises(ValueError, match="coherence_samples=0"):
+        EnvRunner(CountdownEnv, n_action_steps=4, coherence_samples=0)
 
 
 def test_async_matches_sync():

@@ -108,6 +108,18 @@ def test_bad_chunk_sizes_are_rejected():
         make_policy(horizon=8, n_obs_steps=2, n_action_steps=8)
 
 
+def test_chunk_length_can_change_after_training_within_the_horizon():
+    policy = make_policy(horizon=8, n_obs_steps=2, n_action_steps=1)
+    batch = make_batch(B=2, T=8)
+    fit_normalizer(policy, batch)
+    policy.set_n_action_steps(4)
+    out = policy.predict_action(batch["obs"])
+    torch.testing.assert_close(out["action"], out["action_pred"][:, 1:5])
+    with pytest.raises(ValueError, match="horizon=8 is too short"):
+        policy.set_n_action_steps(8)
+    assert policy.n_action_steps == 4
+
+
 def test_encoder_rejects_unknown_key():
     with pytest.raises(KeyError, match="'image'"):
         LowDimEncoder(SHAPE_META, keys=["image"])
