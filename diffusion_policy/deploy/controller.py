@@ -11,7 +11,7 @@ Timing: a chunk planned at tick ``t`` conditions on the observations of ticks ``
 ``t + i`` (the policy's chunk starts at the last observed step). Of each chunk the first
 ``n_action_steps`` actions are used.
 
-Options, both off by default (the runner's protocol: plan when the chunk runs out, execute it):
+Options, all off by default (the runner's protocol: plan when the chunk runs out, execute it):
 
 - ``replan_at=k``: plan the next chunk when ``k`` actions of the current one remain. With
   ``background=True`` the plan runs in a thread while the remaining actions are executed
