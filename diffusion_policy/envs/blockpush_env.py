@@ -26,7 +26,8 @@ Reward: 0.49 at the first step any block is in any zone (its centre within :data
 the zone's centre), and 0.51 at each step both blocks are in different zones, which ends the
 episode (``terminated``; ``info["is_success"]``). ``info`` also says which zone each block is in,
 which block entered a zone first (the modes the scorer counts) and how far the blocks moved in
-the step (``block_moved``, metres: the scorer counts the idle steps at an episode's end).
+the step (``block_moved``, metres: the scorer counts the idle steps at an episode's end), and
+the pusher's travel (``effector_move``, (2,) metres: the scorer's pace).
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ EFFECTOR_XY = (6, 7)
 ZONE_XY = ((10, 11), (13, 14))
 INFO_KEYS = (
     "block0_zone", "block1_zone", "first_block", "first_zone", "is_success", "block_moved",
+    "effector_move",
 )  # fmt: skip
 
 

@@ -176,17 +176,19 @@ def demo_mode_fractions(path: str | Path) -> dict[str, float]:
 def demo_pace(path: str | Path) -> dict[str, float]:
     """The demonstrations' pace, for comparison with rollouts' (:func:`pace`).
 
-    Reads ``data/obs`` (the effector's x, y at indices 6, 7) and the episode ends.
+    Reads ``data/obs`` (the effector's x, y at
+    :data:`~diffusion_policy.envs.blockpush_env.EFFECTOR_XY`) and the episode ends.
 
     Returns:
         ``effector_step`` and ``reversals``, averaged over episodes, and ``steps`` (the mean
         episode length).
     """
     from diffusion_policy.data.replay_buffer import ReplayBuffer
+    from diffusion_policy.envs.blockpush_env import EFFECTOR_XY
 
     buffer = ReplayBuffer.open(path, keys=["obs"])
     ends = np.asarray(buffer.episode_ends)  # (E,)
-    xy = np.asarray(buffer["obs"][:, 6:8])  # (N, 2) the effector
+    xy = np.asarray(buffer["obs"][:, list(EFFECTOR_XY)])  # (N, 2)
     paces = [pace(np.diff(episode, axis=0)) for episode in np.split(xy, ends[:-1])]
     step, reversals = np.mean(paces, axis=0)  # (2,) over episodes
     lengths = np.diff(ends, prepend=0)  # (E,)
