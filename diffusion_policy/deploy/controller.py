@@ -256,22 +256,25 @@ class BatchController:
         with torch.no_grad():  # thread-local: set here for a background thread too
             out = self.policy.predict_action(obs, **kwargs)
         batch = next(iter(obs.values())).shape[0]
-        action = self._checked_actions(out, ACTION, batch)  # (k * B, Ta, Da)
-        if action.shape[1] < self.n_action_steps:
-            raise ValueError(
-                f"predict_action returned chunks of {action.shape[1]} actions, fewer than "
-                f"n_action_steps={self.n_action_steps}: execute fewer, or have the policy return "
-                "more (DiffusionPolicy.set_n_action_steps)"
-            )
+        need = (
+            f"n_action_steps={self.n_action_steps}: execute fewer, or have the policy return "
+            "more (DiffusionPolicy.set_n_action_steps)"
+        )
+        action = self._checked_actions(out, ACTION, batch, self.n_action_steps, need)
         if k == 1:
-            return _Chunk(start=request.start, actions=action)
-        future = self._checked_actions(out, "action_pred", batch)[:, self.n_obs_steps - 1 :]
+            return _Chunk(start=request.start, actions=action)  # (B, Ta, Da)
+        need = f"n_obs_steps={self.n_obs_steps}: action_pred must reach the planning tick"
+        pred = self._checked_actions(out, "action_pred", batch, self.n_obs_steps, need)
+        future = pred[:, self.n_obs_steps - 1 :]  # (k * B, H', Da) from the planning tick on
         pick = self._most_coherent(future.reshape(k, batch // k, *future.shape[1:]), request)
         rows = pick * (batch // k) + np.arange(batch // k)  # (B,)
         return _Chunk(start=request.start, actions=action[rows], future=future[rows])
 
-    def _checked_actions(self, out: Mapping[str, Any], key: str, batch: int) -> np.ndarray:
-        """``out[key]`` as a float32 (batch, n, Da) array, or an error naming what is wrong."""
+    def _checked_actions(
+        self, out: Mapping[str, Any], key: str, batch: int, length: int, need: str
+    ) -> np.ndarray:
+        """``out[key]`` as a float32 (batch, n >= length, Da) array, or an error naming what is
+        wrong (``need`` says what asks for ``length``)."""
         if key not in out:
             raise KeyError(f"predict_action must return an {key!r} entry, got keys {list(out)}")
         action = out[key]
@@ -287,6 +290,10 @@ class BatchController:
         ):
             raise ValueError(
                 f"predict_action returned {key} of shape {tuple(action.shape)}, expected {expected}"
+            )
+        if action.shape[1] < length:
+            raise ValueError(
+                f"predict_action returned chunks of {action.shape[1]} actions, fewer than {need}"
             )
         return action
 
