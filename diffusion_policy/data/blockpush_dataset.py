@@ -12,7 +12,12 @@ import torch
 
 from diffusion_policy.data.keys import ACTION, OBS
 from diffusion_policy.data.sequence_dataset import Field, SequenceDataset
-from diffusion_policy.envs.blockpush_actions import WORKSPACE_CENTER, absolute_actions, move_scene
+from diffusion_policy.envs.blockpush_actions import (
+    WORKSPACE_CENTER,
+    absolute_actions,
+    move_scene,
+    scale_own_motion,
+)
 
 
 def blockpush_store_path(layout: str = "paper") -> Path:
@@ -42,8 +47,14 @@ class BlockPushLowdimDataset(SequenceDataset):
     With ``augment_angle_deg`` or ``augment_shift`` (``abs_action`` only), every training window
     is drawn rotated about the workspace centre by up to that angle and shifted by up to that
     many metres per axis (uniformly, from torch's generator): the same pushes in new layouts.
-    The validation windows stay as recorded; the normalizer covers the moved scenes. See
-    :class:`SequenceDataset` for the other arguments.
+    The validation windows stay as recorded; the normalizer covers the moved scenes.
+
+    With ``augment_own_motion`` (at most 2), the older frames of every training window show the
+    pusher's own motion (its effector and commanded target) scaled by a uniform factor in
+    ``[1 - augment_own_motion, 1 + augment_own_motion]``
+    (:func:`~diffusion_policy.envs.blockpush_actions.scale_own_motion`): the pusher's recent
+    speed then tells little about its next move, against the copycat shortcut of a policy that
+    keeps its own pace (docs/tasks.md). See :class:`SequenceDataset` for the other arguments.
     """
 
     obs_fields: ClassVar[dict[str, Field]] = {OBS: Field("obs")}
@@ -59,6 +70,7 @@ class BlockPushLowdimDataset(SequenceDataset):
         abs_action: bool = False,
         augment_angle_deg: float = 0.0,
         augment_shift: float = 0.0,
+        augment_own_motion: float = 0.0,
         **kwargs: Any,
     ) -> None:
         if (augment_angle_deg or augment_shift) and not abs_action:
@@ -71,6 +83,8 @@ class BlockPushLowdimDataset(SequenceDataset):
                 f"augment_angle_deg={augment_angle_deg} and augment_shift={augment_shift} "
                 f"must be >= 0"
             )
+        if not 0 <= augment_own_motion <= 2:
+            raise ValueError(f"augment_own_motion={augment_own_motion} must be in [0, 2]")
         self.generate_episodes = generate_episodes
         self.generate_seed = generate_seed
         self.generate_detour_prob = generate_detour_prob
@@ -78,6 +92,7 @@ class BlockPushLowdimDataset(SequenceDataset):
         self.abs_action = abs_action
         self.augment_angle = math.radians(augment_angle_deg)
         self.augment_shift = augment_shift
+        self.augment_own_motion = augment_own_motion
         super().__init__(zarr_path, **kwargs)
 
     @property
@@ -92,13 +107,17 @@ class BlockPushLowdimDataset(SequenceDataset):
 
     def _to_batch(self, sample: dict[str, np.ndarray]) -> dict[str, Any]:
         batch = super()._to_batch(sample)
-        if not self.augments:
+        if not (self.augments or self.augment_own_motion):
             return batch
         obs, action = batch[OBS][OBS], batch[ACTION]
         single = obs.ndim == 2  # one window: (To, 16), (T, 2)
         if single:
             obs, action = obs[None], action[None]
-        obs, action = move_scene(obs, action, *self._moves(len(obs)))
+        if self.augments:
+            obs, action = move_scene(obs, action, *self._moves(len(obs)))
+        if self.augment_own_motion:
+            scale = 1 + (torch.rand(len(obs)) * 2 - 1) * self.augment_own_motion  # (B,)
+            obs = scale_own_motion(obs, scale)
         if single:
             obs, action = obs[0], action[0]
         return {OBS: {OBS: obs}, ACTION: action}
@@ -106,7 +125,7 @@ class BlockPushLowdimDataset(SequenceDataset):
     def get_validation_dataset(self) -> BlockPushLowdimDataset:
         """The validation windows, as recorded (not augmented)."""
         val = super().get_validation_dataset()
-        val.augment_angle, val.augment_shift = 0.0, 0.0
+        val.augment_angle, val.augment_shift, val.augment_own_motion = 0.0, 0.0, 0.0
         return val
 
     def get_normalizer_data(

@@ -87,3 +87,28 @@ def move_scene(
         obs[..., i] = torch.remainder(obs[..., i] + angle[:, None] + math.pi, 2 * math.pi) - math.pi
     targets[..., 0], targets[..., 1] = rotate(targets[..., 0], targets[..., 1])
     return obs, targets
+
+
+# The pusher's own values in the observation: the effector's x, y and its commanded target's.
+OWN_XY = (6, 7, *TARGET_XY)
+
+
+def scale_own_motion(obs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Windows whose older frames show the pusher's own motion scaled.
+
+    Each older frame's effector and commanded target are put at ``current - scale * (current -
+    older)``: scale 0 shows a pusher at rest, 1 the window as recorded, 2 a pusher twice as fast.
+    The blocks, the zones and the current frame are unchanged.
+
+    Args:
+        obs: Observations (B, To, 16), the last frame being the current one.
+        scale: Scale per window (B,).
+
+    Returns:
+        The changed observations (B, To, 16).
+    """
+    own = list(OWN_XY)
+    obs = obs.clone()
+    current = obs[:, -1:, own]  # (B, 1, 4)
+    obs[:, :-1, own] = current - scale[:, None, None] * (current - obs[:, :-1, own])
+    return obs

@@ -151,3 +151,29 @@ def test_augmented_windows_are_moved_copies_of_the_scene(store):
     assert (span(moved) > span(plain)).all()
     with pytest.raises(ValueError, match="abs_action=true"):
         BlockPushLowdimDataset(str(store), augment_angle_deg=10, abs_action=False)
+
+
+def test_own_motion_augmentation_scales_only_the_pushers_past_motion(store):
+    kwargs = dict(horizon=8, n_obs_steps=3, n_action_steps=1, val_ratio=0.25, abs_action=True)
+    plain = BlockPushLowdimDataset(str(store), **kwargs)
+    scaled = BlockPushLowdimDataset(str(store), augment_own_motion=1.0, **kwargs)
+    torch.manual_seed(0)
+    a, b = plain.get_batch(range(64)), scaled.get_batch(range(64))
+    obs_a, obs_b = a["obs"]["obs"], b["obs"]["obs"]  # (64, To, 16)
+    torch.testing.assert_close(b["action"], a["action"])
+    torch.testing.assert_close(obs_b[:, -1], obs_a[:, -1])  # the current frame as recorded
+    others = [i for i in range(16) if i not in (6, 7, 8, 9)]
+    torch.testing.assert_close(obs_b[..., others], obs_a[..., others])  # blocks and zones too
+    # The older frames' motion is the recorded one times one factor per window, in [0, 2].
+    past_a = obs_a[:, :-1, 6:10] - obs_a[:, -1:, 6:10]  # (64, To - 1, 4)
+    past_b = obs_b[:, :-1, 6:10] - obs_b[:, -1:, 6:10]
+    moving = past_a.flatten(1).norm(dim=1) > 1e-3
+    assert moving.sum() > 10
+    ratio = (past_b * past_a).flatten(1).sum(1) / past_a.flatten(1).pow(2).sum(1)  # (64,)
+    torch.testing.assert_close(past_b[moving], ratio[moving, None, None] * past_a[moving])
+    assert ratio[moving].min() >= 0 and ratio[moving].max() <= 2
+    assert ratio[moving].std() > 0.2  # drawn per window
+    val_plain, val_scaled = plain.get_validation_dataset(), scaled.get_validation_dataset()
+    torch.testing.assert_close(val_scaled.get_batch([0, 1]), val_plain.get_batch([0, 1]))
+    with pytest.raises(ValueError, match="augment_own_motion"):
+        BlockPushLowdimDataset(str(store), augment_own_motion=3.0, **kwargs)
