@@ -15,8 +15,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from diffusion_policy.data.blockpush_dataset import BlockPushLowdimDataset
 from diffusion_policy.envs.blockpush_probe import own_motion_probe, probe_windows
 from diffusion_policy.training.builders import load_policy
@@ -47,7 +45,6 @@ def main(argv: list[str] | None = None) -> int:
         layout=cfg.dataset.get("layout", "paper"),
     )
     obs, targets = probe_windows(dataset, args.n, args.seed)
-    torch.manual_seed(args.seed)
     results = own_motion_probe(
         policy, obs, targets, args.scales, bool(cfg.dataset.get("abs_action")), args.seed
     )

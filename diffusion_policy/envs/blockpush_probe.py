@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from diffusion_policy.data.keys import ACTION, OBS
+from diffusion_policy.data.sequence_dataset import SequenceDataset
 from diffusion_policy.envs.blockpush_actions import TARGET_XY, scale_own_motion
 from diffusion_policy.policies.diffusion_policy import DiffusionPolicy
 
@@ -70,7 +71,7 @@ def own_motion_probe(
 
 
 def probe_windows(
-    dataset: torch.utils.data.Dataset, n: int, seed: int = 0
+    dataset: SequenceDataset, n: int, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` random windows of a BlockPush dataset with ``abs_action`` (seeded): their
     observations (n, To, 16) and the target set at the current step (n, 2)."""
