@@ -17,6 +17,7 @@ import torch
 WORKSPACE_X = (0.15, 0.7)
 WORKSPACE_Y = (-0.5, 0.5)
 MAX_MOVE = 0.1  # metres per step in x and in y
+EFFECTOR_XY = (6, 7)  # the effector's x, y in the 16-value observation
 TARGET_XY = (8, 9)  # the commanded target's x, y in the 16-value observation
 
 
@@ -90,7 +91,7 @@ def move_scene(
 
 
 # The pusher's own values in the observation: the effector's x, y and its commanded target's.
-OWN_XY = (6, 7, *TARGET_XY)
+OWN_XY = (*EFFECTOR_XY, *TARGET_XY)
 
 
 def scale_own_motion(obs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

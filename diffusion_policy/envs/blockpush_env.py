@@ -95,7 +95,7 @@ OBS_DIM = 16
 # Observation indices (FACTS: x at 0, 3, 6, 8, 10, 13; y at 1, 4, 7, 9, 11, 14).
 BLOCK_XY = ((0, 1), (3, 4))
 BLOCK_YAW = (2, 5)
-EFFECTOR_XY = (6, 7)
+# The effector's x, y (6, 7) and its target's (8, 9): blockpush_actions' EFFECTOR_XY, TARGET_XY
 ZONE_XY = ((10, 11), (13, 14))
 INFO_KEYS = (
     "block0_zone", "block1_zone", "first_block", "first_zone", "is_success", "block_moved",

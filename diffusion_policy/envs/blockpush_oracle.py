@@ -33,12 +33,11 @@ from tqdm.auto import tqdm
 
 from diffusion_policy.data.blockpush_dataset import DEFAULT_BLOCKPUSH_PATH
 from diffusion_policy.data.replay_buffer import ReplayBuffer
-from diffusion_policy.envs.blockpush_actions import MAX_MOVE, TARGET_XY
+from diffusion_policy.envs.blockpush_actions import EFFECTOR_XY, MAX_MOVE, TARGET_XY
 from diffusion_policy.envs.blockpush_env import (
     BLOCK_SIZE,
     BLOCK_XY,
     BLOCK_YAW,
-    EFFECTOR_XY,
     MAX_EPISODE_STEPS,
     PUSHER_RADIUS,
     ZONE_XY,

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from diffusion_policy.envs.blockpush_actions import EFFECTOR_XY
 from diffusion_policy.envs.scoring import EpisodeScore, Scorer
 
 if TYPE_CHECKING:
@@ -177,14 +178,13 @@ def demo_pace(path: str | Path) -> dict[str, float]:
     """The demonstrations' pace, for comparison with rollouts' (:func:`pace`).
 
     Reads ``data/obs`` (the effector's x, y at
-    :data:`~diffusion_policy.envs.blockpush_env.EFFECTOR_XY`) and the episode ends.
+    :data:`~diffusion_policy.envs.blockpush_actions.EFFECTOR_XY`) and the episode ends.
 
     Returns:
         ``effector_step`` and ``reversals``, averaged over episodes, and ``steps`` (the mean
         episode length).
     """
     from diffusion_policy.data.replay_buffer import ReplayBuffer
-    from diffusion_policy.envs.blockpush_env import EFFECTOR_XY
 
     buffer = ReplayBuffer.open(path, keys=["obs"])
     ends = np.asarray(buffer.episode_ends)  # (E,)
