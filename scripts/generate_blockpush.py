@@ -1,7 +1,8 @@
 """Generates the BlockPush demonstrations with the scripted oracle (successful episodes only).
 
 Usage: python scripts/generate_blockpush.py [--layout paper] [--n-episodes 1000] [--seed 0]
-       [--exec-noise 0] [--detour-prob 0] [--dest data/blockpush/blockpush_<layout>_v3.zarr]
+       [--exec-noise 0] [--detour-prob 0] [--drift-prob 0]
+       [--dest data/blockpush/blockpush_<layout>_v3.zarr]
 
 Prints the oracle's success rate over the seeds tried, the time taken and the demos' mode
 fractions (which block first x which zone block 0 goes to).
@@ -49,6 +50,13 @@ def main(argv: list[str] | None = None) -> int:
         help="chance per step of a detour: a few executed moves toward a random point; the "
         "oracle's own moves are recorded",
     )
+    parser.add_argument(
+        "--drift-prob",
+        type=float,
+        default=0.0,
+        help="chance per pushing step of a drift: a few executed moves offset across the push; "
+        "the oracle's own moves are recorded",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.n_episodes < 1:
@@ -60,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.detour_prob < 1:
         print(f"error: --detour-prob={args.detour_prob} must be in [0, 1)", file=sys.stderr)
         return 2
+    if not 0 <= args.drift_prob < 1:
+        print(f"error: --drift-prob={args.drift_prob} must be in [0, 1)", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     dest = args.dest or REPO_ROOT / blockpush_store_path(args.layout)
     stats = generate_blockpush(
@@ -70,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         exec_noise=args.exec_noise,
         layout=args.layout,
         detour_prob=args.detour_prob,
+        drift_prob=args.drift_prob,
     )
     print(
         f"wrote {stats['n_episodes']} episodes ({stats['n_steps']} steps) to {dest} in "

@@ -41,7 +41,8 @@ class BlockPushLowdimDataset(SequenceDataset):
     relative moves (dx, dy), or with ``abs_action`` the effector targets they set (x, y), for an
     env built with ``abs_action``. A store that is absent is generated first with the scripted
     oracle (``generate_episodes`` episodes from seed ``generate_seed`` on the env's ``layout``,
-    "paper" or "wide", with detours at ``generate_detour_prob`` per step, see
+    "paper" or "wide", with detours at ``generate_detour_prob`` per step and drifts at
+    ``generate_drift_prob`` per pushing step, see
     :func:`~diffusion_policy.envs.blockpush_oracle.run_oracle_episode`; minutes for 1,000).
 
     With ``augment_angle_deg`` or ``augment_shift`` (``abs_action`` only), every training window
@@ -66,6 +67,7 @@ class BlockPushLowdimDataset(SequenceDataset):
         generate_episodes: int = 1000,
         generate_seed: int = 0,
         generate_detour_prob: float = 0.0,
+        generate_drift_prob: float = 0.0,
         layout: str = "paper",
         abs_action: bool = False,
         augment_angle_deg: float = 0.0,
@@ -88,6 +90,7 @@ class BlockPushLowdimDataset(SequenceDataset):
         self.generate_episodes = generate_episodes
         self.generate_seed = generate_seed
         self.generate_detour_prob = generate_detour_prob
+        self.generate_drift_prob = generate_drift_prob
         self.layout = layout
         self.abs_action = abs_action
         self.augment_angle = math.radians(augment_angle_deg)
@@ -169,5 +172,6 @@ class BlockPushLowdimDataset(SequenceDataset):
                 seed=self.generate_seed,
                 layout=self.layout,
                 detour_prob=self.generate_detour_prob,
+                drift_prob=self.generate_drift_prob,
             )
         return zarr_path

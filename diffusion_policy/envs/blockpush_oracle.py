@@ -67,6 +67,10 @@ NEAR_ZONE = 0.05  # a block this close to its zone is pushed in without orientin
 # random number of steps, at the approach speed; the oracle's own moves are recorded.
 DETOUR_REGION = ((0.2, -0.4), (0.6, 0.25))  # (x, y) low, high: around the blocks and zones
 DETOUR_STEPS = (3, 10)
+# Drifts (``drift_prob``): while pushing, the executed moves carry a constant sideways offset of
+# this size (metres per step) for a random number of steps, as a policy's systematic error does.
+DRIFT_OFFSET = (0.005, 0.015)
+DRIFT_STEPS = (3, 8)
 
 
 @dataclass(frozen=True)
@@ -229,6 +233,7 @@ def run_oracle_episode(
     max_steps: int = MAX_EPISODE_STEPS,
     exec_noise: float = 0.0,
     detour_prob: float = 0.0,
+    drift_prob: float = 0.0,
 ) -> OracleEpisode:
     """Runs the oracle on the episode ``seed`` (the env's layout and the oracle's draws).
 
@@ -244,6 +249,10 @@ def run_oracle_episode(
             moves: :data:`DETOUR_STEPS` moves toward a random point of :data:`DETOUR_REGION`
             (the recorded moves stay the oracle's, so the episode shows how it comes back from
             far off its path, e.g. from the zone side of a block it lost).
+        drift_prob: Chance per pushing step (outside detours) that the executed moves drift:
+            for :data:`DRIFT_STEPS` steps each gets the same offset, across the push and of a
+            size in :data:`DRIFT_OFFSET`, so the pusher slides off the block's line and the
+            episode shows the oracle winning the block back (or re-aiming before it is lost).
 
     Returns:
         The steps taken until success or ``max_steps``.
@@ -254,6 +263,7 @@ def run_oracle_episode(
     observations, actions = [], []
     success = False
     detour_left, detour_goal = 0, np.zeros(2)
+    drift_left, drift = 0, np.zeros(2)
     for _ in range(max_steps):
         action = oracle.act(obs)
         observations.append(obs)
@@ -261,10 +271,18 @@ def run_oracle_episode(
         if detour_left == 0 and detour_prob > 0 and exec_rng.random() < detour_prob:
             detour_left = int(exec_rng.integers(DETOUR_STEPS[0], DETOUR_STEPS[1] + 1))
             detour_goal = exec_rng.uniform(*DETOUR_REGION)
+        pushing = oracle.phase == "push" and detour_left == 0
+        if drift_left == 0 and pushing and drift_prob > 0 and exec_rng.random() < drift_prob:
+            drift_left = int(exec_rng.integers(DRIFT_STEPS[0], DRIFT_STEPS[1] + 1))
+            across = _rotated(action / max(np.linalg.norm(action), 1e-6), math.pi / 2)
+            drift = across * exec_rng.choice([-1.0, 1.0]) * exec_rng.uniform(*DRIFT_OFFSET)
         if detour_left > 0:
             detour_left -= 1
             move = _capped(detour_goal - obs[list(TARGET_XY)], APPROACH_SPEED)
             action = move.astype(np.float32)
+        elif drift_left > 0:
+            drift_left -= 1
+            action = np.clip(action + drift, -MAX_MOVE, MAX_MOVE).astype(np.float32)
         elif exec_noise > 0:
             noise = exec_rng.normal(0.0, exec_noise, 2)
             action = np.clip(action + noise, -MAX_MOVE, MAX_MOVE).astype(np.float32)
@@ -283,6 +301,7 @@ def generate_blockpush(
     exec_noise: float = 0.0,
     layout: str = "paper",
     detour_prob: float = 0.0,
+    drift_prob: float = 0.0,
 ) -> dict[str, float]:
     """Writes ``n_episodes`` successful oracle episodes to a zarr store (atomically).
 
@@ -293,9 +312,9 @@ def generate_blockpush(
     repeated per step (the replay buffer holds per-step arrays only): ``data/first_block`` and
     ``data/zone_of_block0`` (T,) int8.
 
-    ``exec_noise`` and ``detour_prob`` perturb the executed moves, not the recorded ones (see
-    :func:`run_oracle_episode`). ``layout`` is the env's initial poses (``"paper"`` or
-    ``"wide"``).
+    ``exec_noise``, ``detour_prob`` and ``drift_prob`` perturb the executed moves, not the
+    recorded ones (see :func:`run_oracle_episode`). ``layout`` is the env's initial poses
+    (``"paper"`` or ``"wide"``).
 
     Returns:
         ``{"n_episodes", "n_tried", "oracle_success_rate", "seconds", "n_steps"}``.
@@ -306,6 +325,8 @@ def generate_blockpush(
         raise ValueError(f"exec_noise={exec_noise} must be >= 0")
     if not 0 <= detour_prob < 1:
         raise ValueError(f"detour_prob={detour_prob} must be in [0, 1)")
+    if not 0 <= drift_prob < 1:
+        raise ValueError(f"drift_prob={drift_prob} must be in [0, 1)")
     env = BlockPushEnv(layout=layout)
     buffer = ReplayBuffer.create_empty()
     tried = 0
@@ -313,7 +334,11 @@ def generate_blockpush(
     with tqdm(total=n_episodes, desc="blockpush oracle", unit="ep", disable=not progress) as bar:
         while buffer.n_episodes < n_episodes:
             ep = run_oracle_episode(
-                env, seed + tried, exec_noise=exec_noise, detour_prob=detour_prob
+                env,
+                seed + tried,
+                exec_noise=exec_noise,
+                detour_prob=detour_prob,
+                drift_prob=drift_prob,
             )
             tried += 1
             if not ep.success:
@@ -348,18 +373,26 @@ def ensure_blockpush_dataset(
     seed: int = 0,
     layout: str = "paper",
     detour_prob: float = 0.0,
+    drift_prob: float = 0.0,
 ) -> Path:
     """Returns the BlockPush store at ``path``, generating it with the oracle if absent."""
     path = Path(path).expanduser()
     if not path.exists():
         log.info(
-            "no BlockPush store at %s: generating %d oracle episodes (%s layout, detours %g)",
+            "no BlockPush store at %s: generating %d oracle episodes (%s layout, detours %g, "
+            "drifts %g)",
             path,
             n_episodes,
             layout,
             detour_prob,
+            drift_prob,
         )
         generate_blockpush(
-            path, n_episodes=n_episodes, seed=seed, layout=layout, detour_prob=detour_prob
+            path,
+            n_episodes=n_episodes,
+            seed=seed,
+            layout=layout,
+            detour_prob=detour_prob,
+            drift_prob=drift_prob,
         )
     return path

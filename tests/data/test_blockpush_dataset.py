@@ -81,13 +81,14 @@ def test_absent_store_is_generated_on_first_use(tmp_path):
     assert ensure_blockpush_dataset(path, n_episodes=99) == path  # present: left as it is
 
 
-def test_generated_store_takes_the_detour_probability(tmp_path):
+@pytest.mark.parametrize("option", ["generate_detour_prob", "generate_drift_prob"])
+def test_generated_store_takes_the_perturbation_probability(tmp_path, option):
     plain = BlockPushLowdimDataset(str(tmp_path / "a.zarr"), generate_episodes=1)
-    detours = BlockPushLowdimDataset(
-        str(tmp_path / "b.zarr"), generate_episodes=1, generate_detour_prob=0.2
+    perturbed = BlockPushLowdimDataset(
+        str(tmp_path / "b.zarr"), generate_episodes=1, **{option: 0.2}
     )
-    # The same seed's episode, made longer by the detours it comes back from.
-    assert int(detours.episode_ends[-1]) > int(plain.episode_ends[-1])
+    # The same seed's episode, made longer by the detours or drifts it comes back from.
+    assert int(perturbed.episode_ends[-1]) > int(plain.episode_ends[-1])
 
 
 def test_abs_action_windows_hold_the_next_targets(store):

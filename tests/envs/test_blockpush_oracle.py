@@ -74,6 +74,24 @@ def test_detours_take_the_effector_far_off_and_the_oracle_brings_it_back(env):
     assert (strays <= 1e-5).mean() > 0.5  # between detours the oracle's moves are executed
 
 
+def test_drifts_offset_pushes_sideways_by_a_constant_and_the_oracle_recovers(env):
+    # A drift adds the same sideways offset (5-15 mm) to a few consecutive executed moves, only
+    # while pushing; the recorded moves stay the oracle's, and the episode still succeeds.
+    target = slice(8, 10)
+    ep = run_oracle_episode(env, 1002, drift_prob=0.2)
+    strays = np.diff(ep.obs[:, target], axis=0) - ep.action[:-1]  # (T-1, 2) executed - recorded
+    size = np.linalg.norm(strays, axis=1)
+    drifting = size > 1e-4
+    assert ep.success and drifting.sum() >= 6
+    assert np.all((size[drifting] > 0.0049) & (size[drifting] < 0.0151))
+    same_as_next = np.linalg.norm(strays[1:] - strays[:-1], axis=1) < 1e-4
+    assert same_as_next[drifting[1:] & drifting[:-1]].mean() > 0.8  # one offset per drift
+    across = np.abs(np.sum(strays * ep.action[:-1], axis=1)) / (
+        size * np.linalg.norm(ep.action[:-1], axis=1) + 1e-9
+    )
+    assert np.median(across[drifting]) < 0.5  # mostly across the move, not along it
+
+
 def test_face_error_is_the_angle_to_the_nearest_face_normal():
     east, north = np.array([1.0, 0.0]), np.array([0.0, 1.0])
     assert face_error(0.0, east) == pytest.approx(0.0)

@@ -18,6 +18,7 @@ def script():
         (["--n-episodes", "0"], "--n-episodes=0 must be >= 1"),
         (["--exec-noise", "-0.01"], "-0.01"),
         (["--detour-prob", "1"], "--detour-prob=1.0 must be in [0, 1)"),
+        (["--drift-prob", "-0.1"], "--drift-prob=-0.1 must be in [0, 1)"),
     ],
 )
 def test_bad_arguments_exit_2_and_write_nothing(script, tmp_path, capsys, args, message):
