@@ -29,6 +29,11 @@ class LowDimEncoder(nn.Module):
         exclude: ``{key: [flat indices]}``, values of a key's frame the policy does not see
             (e.g. BlockPush's commanded target, ``{obs: [8, 9]}``: with one frame the policy
             then sees no trace of its own motion).
+        angles: ``{key: {flat index: m}}``, values that are angles (radians) of objects that
+            look the same every ``2 pi / m``: each becomes ``cos(m a), sin(m a)`` of the raw
+            angle (the policy hands these values over un-normalized, see :attr:`raw_obs`), so
+            poses that look alike get alike features across the wrap at +-pi and the
+            symmetry (BlockPush's cubes: ``{obs: {2: 4, 5: 4}}``).
     """
 
     def __init__(
@@ -37,6 +42,7 @@ class LowDimEncoder(nn.Module):
         keys: list[str] | None = None,
         hidden_dims: list[int] | None = None,
         exclude: Mapping[str, list[int]] | None = None,
+        angles: Mapping[str, Mapping[int, int]] | None = None,
     ) -> None:
         super().__init__()
         obs_meta = shape_meta["obs"]
@@ -62,7 +68,20 @@ class LowDimEncoder(nn.Module):
                     f"exclude {k!r}: {list(drop)} must be indices in [0, {self.dims[k]}) "
                     "that leave at least one value"
                 )
+        self.angles: dict[str, dict[int, int]] = {}
+        for k, folds in (angles or {}).items():
+            if k not in self.dims:
+                raise KeyError(f"angles key {k!r} is not among the encoder keys {self.keys}")
+            self.angles[k] = {int(i): int(m) for i, m in folds.items()}
+            kept = self.keep.get(k, list(range(self.dims[k])))
+            if not set(self.angles[k]) <= set(kept) or min(self.angles[k].values()) < 1:
+                raise ValueError(
+                    f"angles {k!r}: {dict(folds)} must map kept indices in [0, {self.dims[k]}) "
+                    "to symmetries m >= 1"
+                )
+            self.keep[k] = [i for i in kept if i not in self.angles[k]]
         width = sum(len(self.keep.get(k, range(d))) for k, d in self.dims.items())
+        width += 2 * sum(len(folds) for folds in self.angles.values())
         layers: list[nn.Module] = []
         for hidden in hidden_dims or []:
             if hidden < 1:
@@ -72,12 +91,18 @@ class LowDimEncoder(nn.Module):
         self.mlp = nn.Sequential(*layers) if layers else None
         self.output_dim = width
 
+    @property
+    def raw_obs(self) -> dict[str, list[int]]:
+        """``{key: [flat indices]}`` the policy passes un-normalized: the angles."""
+        return {k: sorted(folds) for k, folds in self.angles.items()}
+
     def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Maps normalized observations {key: (B, To, ...)} to features (B, To, output_dim)."""
-        parts = [obs[k].flatten(2) for k in self.keys]  # [(B, To, D_k)]
-        parts = [
-            p[..., self.keep[k]] if k in self.keep else p
-            for k, p in zip(self.keys, parts, strict=True)
-        ]
-        feats = torch.cat(parts, dim=-1)  # (B, To, sum of kept D_k)
+        parts, angle_parts = [], []
+        for k in self.keys:
+            p = obs[k].flatten(2)  # (B, To, D_k)
+            for i, m in self.angles.get(k, {}).items():
+                angle_parts += [torch.cos(m * p[..., i : i + 1]), torch.sin(m * p[..., i : i + 1])]
+            parts.append(p[..., self.keep[k]] if k in self.keep else p)
+        feats = torch.cat(parts + angle_parts, dim=-1)  # (B, To, output_dim before the MLP)
         return feats if self.mlp is None else self.mlp(feats)

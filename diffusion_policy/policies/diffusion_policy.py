@@ -148,12 +148,21 @@ class DiffusionPolicy(nn.Module):
 
     # ----------------------------------------------------------------------------------------
     def _normalize_obs(self, obs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Normalizes the low-dim keys and keeps the first n_obs_steps frames of each key."""
+        """Normalizes the low-dim keys and keeps the first n_obs_steps frames of each key.
+
+        Values the encoder names in ``raw_obs`` (``{key: [flat indices]}``, e.g. angles it
+        turns into cos / sin) stay as observed.
+        """
+        raw = getattr(self.encoder, "raw_obs", {})
         out = {}
         for key, value in obs.items():
             value = value[:, : self.n_obs_steps]
             if key in self.normalizer.dims:
-                value = self.normalizer.normalize_key(key, value.flatten(2).float())
+                flat = value.flatten(2).float()  # (B, To, D)
+                value = self.normalizer.normalize_key(key, flat)
+                if raw.get(key):
+                    value = value.clone()
+                    value[..., raw[key]] = flat[..., raw[key]]
             out[key] = value
         return out
 

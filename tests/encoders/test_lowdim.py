@@ -65,3 +65,34 @@ def test_excluded_values_are_not_seen():
 def test_bad_exclusions_are_refused(exclude, error):
     with pytest.raises(error, match="exclude"):
         LowDimEncoder(META, exclude=exclude)
+
+
+def test_angles_become_cos_and_sin_of_their_symmetry():
+    encoder = LowDimEncoder(META, angles={"a": {1: 4}}, exclude={"b": [3]})
+    assert encoder.raw_obs == {"a": [1]}
+    obs = _obs()
+    out = encoder(obs)  # (B, To, 2 + 3 + 2): a without its angle, b's kept values, cos, sin
+    assert encoder.output_dim == 7 and out.shape == (4, 2, 7)
+    torch.testing.assert_close(out[..., :2], obs["a"][..., [0, 2]])
+    torch.testing.assert_close(out[..., 2:5], obs["b"].flatten(2)[..., :3])
+    angle = obs["a"][..., 1]
+    torch.testing.assert_close(out[..., 5], torch.cos(4 * angle))
+    torch.testing.assert_close(out[..., 6], torch.sin(4 * angle))
+    # A quarter turn (and the wrap at +-pi) of a 4-fold symmetric object looks the same.
+    turned = {k: v.clone() for k, v in obs.items()}
+    turned["a"][..., 1] += torch.pi / 2
+    torch.testing.assert_close(encoder(turned), out, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("angles", "exclude", "error"),
+    [
+        ({"c": {0: 4}}, None, KeyError),
+        ({"a": {3: 4}}, None, ValueError),
+        ({"a": {0: 0}}, None, ValueError),
+        ({"b": {1: 4}}, {"b": [1]}, ValueError),  # an excluded value is not an angle too
+    ],
+)
+def test_bad_angles_are_refused(angles, exclude, error):
+    with pytest.raises(error, match="angles"):
+        LowDimEncoder(META, angles=angles, exclude=exclude)

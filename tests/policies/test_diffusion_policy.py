@@ -196,3 +196,17 @@ def test_relative_actions_are_absolute_ones_moved_by_the_current_frame():
 def test_bad_action_origin_is_refused(origin, match):
     with pytest.raises(ValueError, match=match):
         make_policy(action_origin=origin)
+
+
+def test_angle_values_reach_the_encoder_unnormalized():
+    # The encoder's angles are taken as observed (radians), the other values normalized.
+    policy = make_policy()
+    policy.encoder = LowDimEncoder(SHAPE_META, angles={"agent_pos": {1: 4}})
+    batch = make_batch()
+    fit_normalizer(policy, batch)
+    cond = policy.encode_obs(batch["obs"])  # (B, To, 18 + 1 + 2)
+    angle = batch["obs"]["agent_pos"][..., 1]
+    torch.testing.assert_close(cond[..., -2], torch.cos(4 * angle))
+    torch.testing.assert_close(cond[..., -1], torch.sin(4 * angle))
+    x = policy.normalizer.normalize_key("agent_pos", batch["obs"]["agent_pos"])
+    torch.testing.assert_close(cond[..., 18], x[..., 0])
