@@ -74,7 +74,7 @@ class LowDimEncoder(nn.Module):
                 raise KeyError(f"angles key {k!r} is not among the encoder keys {self.keys}")
             self.angles[k] = {int(i): int(m) for i, m in folds.items()}
             kept = self.keep.get(k, list(range(self.dims[k])))
-            if not set(self.angles[k]) <= set(kept) or min(self.angles[k].values()) < 1:
+            if not set(self.angles[k]) <= set(kept) or any(m < 1 for m in self.angles[k].values()):
                 raise ValueError(
                     f"angles {k!r}: {dict(folds)} must map kept indices in [0, {self.dims[k]}) "
                     "to symmetries m >= 1"
