@@ -31,7 +31,7 @@ class LowDimEncoder(nn.Module):
             then sees no trace of its own motion).
         angles: ``{key: {flat index: m}}``, values that are angles (radians) of objects that
             look the same every ``2 pi / m``: each becomes ``cos(m a), sin(m a)`` of the raw
-            angle (the policy hands these values over un-normalized, see :attr:`raw_obs`), so
+            angle (the policy hands these values over un-normalized: ``raw_obs``), so
             poses that look alike get alike features across the wrap at +-pi and the
             symmetry (BlockPush's cubes: ``{obs: {2: 4, 5: 4}}``).
     """
@@ -80,6 +80,8 @@ class LowDimEncoder(nn.Module):
                     "to symmetries m >= 1"
                 )
             self.keep[k] = [i for i in kept if i not in self.angles[k]]
+        # {key: [flat indices]} the policy passes un-normalized: the angles.
+        self.raw_obs = {k: sorted(folds) for k, folds in self.angles.items()}
         width = sum(len(self.keep.get(k, range(d))) for k, d in self.dims.items())
         width += 2 * sum(len(folds) for folds in self.angles.values())
         layers: list[nn.Module] = []
@@ -91,18 +93,14 @@ class LowDimEncoder(nn.Module):
         self.mlp = nn.Sequential(*layers) if layers else None
         self.output_dim = width
 
-    @property
-    def raw_obs(self) -> dict[str, list[int]]:
-        """``{key: [flat indices]}`` the policy passes un-normalized: the angles."""
-        return {k: sorted(folds) for k, folds in self.angles.items()}
-
     def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Maps normalized observations {key: (B, To, ...)} to features (B, To, output_dim)."""
         parts, angle_parts = [], []
         for k in self.keys:
             p = obs[k].flatten(2)  # (B, To, D_k)
             for i, m in self.angles.get(k, {}).items():
-                angle_parts += [torch.cos(m * p[..., i : i + 1]), torch.sin(m * p[..., i : i + 1])]
+                turn = m * p[..., i : i + 1]  # (B, To, 1)
+                angle_parts += [torch.cos(turn), torch.sin(turn)]
             parts.append(p[..., self.keep[k]] if k in self.keep else p)
         feats = torch.cat(parts + angle_parts, dim=-1)  # (B, To, output_dim before the MLP)
         return feats if self.mlp is None else self.mlp(feats)

@@ -171,8 +171,7 @@ class BlockPushOracle:
         return self._noisy(_capped(goal - target, self.push_speed))
 
     def _noisy(self, action: np.ndarray) -> np.ndarray:
-        action = action + self.rng.normal(0.0, ACTION_NOISE, 2)
-        return np.clip(action, -MAX_MOVE, MAX_MOVE).astype(np.float32)
+        return _env_move(action + self.rng.normal(0.0, ACTION_NOISE, 2))
 
 
 def face_error(yaw: float, direction: np.ndarray) -> float:
@@ -185,6 +184,11 @@ def face_error(yaw: float, direction: np.ndarray) -> float:
 def _rotated(v: np.ndarray, angle: float) -> np.ndarray:
     c, s = math.cos(angle), math.sin(angle)
     return np.array([c * v[0] - s * v[1], s * v[0] + c * v[1]])
+
+
+def _env_move(move: np.ndarray) -> np.ndarray:
+    """``move`` as the env takes it: float32, each axis within :data:`MAX_MOVE`."""
+    return np.clip(move, -MAX_MOVE, MAX_MOVE).astype(np.float32)
 
 
 def _capped(move: np.ndarray, speed: float) -> np.ndarray:
@@ -282,10 +286,9 @@ def run_oracle_episode(
             action = move.astype(np.float32)
         elif drift_left > 0:
             drift_left -= 1
-            action = np.clip(action + drift, -MAX_MOVE, MAX_MOVE).astype(np.float32)
+            action = _env_move(action + drift)
         elif exec_noise > 0:
-            noise = exec_rng.normal(0.0, exec_noise, 2)
-            action = np.clip(action + noise, -MAX_MOVE, MAX_MOVE).astype(np.float32)
+            action = _env_move(action + exec_rng.normal(0.0, exec_noise, 2))
         obs, _, terminated, _, info = env.step(action)
         if terminated:
             success = bool(info["is_success"])

@@ -160,8 +160,7 @@ class DiffusionPolicy(nn.Module):
             if key in self.normalizer.dims:
                 flat = value.flatten(2).float()  # (B, To, D)
                 value = self.normalizer.normalize_key(key, flat)
-                if raw.get(key):
-                    value = value.clone()
+                if raw.get(key):  # value is a new tensor: set in place
                     value[..., raw[key]] = flat[..., raw[key]]
             out[key] = value
         return out
