@@ -7,3 +7,8 @@ ACTION = "action"
 # Observation types in ``shape_meta["obs"][key]["type"]``.
 LOW_DIM = "low_dim"  # float vectors, normalized by the policy
 RGB = "rgb"  # images, kept in their stored dtype and encoded by a vision encoder
+
+
+def raw_key(key: str) -> str:
+    """Where a policy hands an encoder the un-normalized frames of low-dim ``key``."""
+    return f"{key}:raw"

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffusion_policy.data.keys import LOW_DIM
+from diffusion_policy.data.keys import LOW_DIM, raw_key
+from diffusion_policy.encoders.features import FEATURES
 
 
 class LowDimEncoder(nn.Module):
@@ -31,9 +32,14 @@ class LowDimEncoder(nn.Module):
             then sees no trace of its own motion).
         angles: ``{key: {flat index: m}}``, values that are angles (radians) of objects that
             look the same every ``2 pi / m``: each becomes ``cos(m a), sin(m a)`` of the raw
-            angle (the policy hands these values over un-normalized: ``raw_obs``), so
-            poses that look alike get alike features across the wrap at +-pi and the
-            symmetry (BlockPush's cubes: ``{obs: {2: 4, 5: 4}}``).
+            angle, so poses that look alike get alike features across the wrap at +-pi and
+            the symmetry (BlockPush's cubes: ``{obs: {2: 4, 5: 4}}``).
+        features: ``{key: [name, ...]}``, geometric features of a key's frame appended to
+            it, by their names in :data:`~diffusion_policy.encoders.features.FEATURES`
+            (BlockPush's pusher on each block-to-zone line: ``{obs: [blockpush_push_lines]}``).
+
+    Angles and features read a key's frame as observed: the policy hands the encoder the
+    raw frame of every key in ``raw_obs`` under ``raw_key(key)``, beside the normalized one.
     """
 
     def __init__(
@@ -43,6 +49,7 @@ class LowDimEncoder(nn.Module):
         hidden_dims: list[int] | None = None,
         exclude: Mapping[str, list[int]] | None = None,
         angles: Mapping[str, Mapping[int, int]] | None = None,
+        features: Mapping[str, list[str]] | None = None,
     ) -> None:
         super().__init__()
         obs_meta = shape_meta["obs"]
@@ -80,10 +87,24 @@ class LowDimEncoder(nn.Module):
                     "to symmetries m >= 1"
                 )
             self.keep[k] = [i for i in kept if i not in self.angles[k]]
-        # {key: [flat indices]} the policy passes un-normalized: the angles.
-        self.raw_obs = {k: sorted(folds) for k, folds in self.angles.items()}
+        self.features: dict[str, list[str]] = {}
+        for k, names in (features or {}).items():
+            if k not in self.dims:
+                raise KeyError(f"features key {k!r} is not among the encoder keys {self.keys}")
+            for name in names:
+                if name not in FEATURES:
+                    raise ValueError(f"features {k!r}: {name!r} is not one of {sorted(FEATURES)}")
+                if FEATURES[name].dims != self.dims[k]:
+                    raise ValueError(
+                        f"features {k!r}: {name!r} reads {FEATURES[name].dims} values per "
+                        f"frame, the key has {self.dims[k]}"
+                    )
+            self.features[k] = list(names)
+        # Keys whose raw (un-normalized) frames the policy passes beside the normalized ones.
+        self.raw_obs = sorted(k for k in self.keys if self.angles.get(k) or self.features.get(k))
         width = sum(len(self.keep.get(k, range(d))) for k, d in self.dims.items())
         width += 2 * sum(len(folds) for folds in self.angles.values())
+        width += sum(FEATURES[n].width for names in self.features.values() for n in names)
         layers: list[nn.Module] = []
         for hidden in hidden_dims or []:
             if hidden < 1:
@@ -94,13 +115,22 @@ class LowDimEncoder(nn.Module):
         self.output_dim = width
 
     def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Maps normalized observations {key: (B, To, ...)} to features (B, To, output_dim)."""
-        parts, angle_parts = [], []
+        """Maps observations to features (B, To, output_dim).
+
+        Args:
+            obs: Normalized observations ``{key: (B, To, ...)}``, and for each key of
+                ``raw_obs`` its frames as observed, ``{raw_key(key): (B, To, D_k)}``.
+        """
+        parts, extra = [], []
         for k in self.keys:
             p = obs[k].flatten(2)  # (B, To, D_k)
-            for i, m in self.angles.get(k, {}).items():
-                turn = m * p[..., i : i + 1]  # (B, To, 1)
-                angle_parts += [torch.cos(turn), torch.sin(turn)]
             parts.append(p[..., self.keep[k]] if k in self.keep else p)
-        feats = torch.cat(parts + angle_parts, dim=-1)  # (B, To, output_dim before the MLP)
+            if k not in self.raw_obs:
+                continue
+            raw = obs[raw_key(k)]  # (B, To, D_k), as observed
+            for i, m in self.angles.get(k, {}).items():
+                turn = m * raw[..., i : i + 1]  # (B, To, 1)
+                extra += [torch.cos(turn), torch.sin(turn)]
+            extra += [FEATURES[name].fn(raw) for name in self.features.get(k, [])]
+        feats = torch.cat(parts + extra, dim=-1)  # (B, To, output_dim before the MLP)
         return feats if self.mlp is None else self.mlp(feats)

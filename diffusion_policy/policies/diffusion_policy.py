@@ -11,7 +11,7 @@ from diffusers import SchedulerMixin
 from torch import nn
 
 from diffusion_policy.data.action_origin import parse_action_origin
-from diffusion_policy.data.keys import ACTION, LOW_DIM, OBS
+from diffusion_policy.data.keys import ACTION, LOW_DIM, OBS, raw_key
 from diffusion_policy.data.normalizer import LinearNormalizer
 from diffusion_policy.policies.cuda_graph import GraphedSampler
 from diffusion_policy.policies.sampler_plan import SamplerPlan, plan_sampler, takes_generator
@@ -150,18 +150,18 @@ class DiffusionPolicy(nn.Module):
     def _normalize_obs(self, obs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Normalizes the low-dim keys and keeps the first n_obs_steps frames of each key.
 
-        Values the encoder names in ``raw_obs`` (``{key: [flat indices]}``, e.g. angles it
-        turns into cos / sin) stay as observed.
+        The keys the encoder names in ``raw_obs`` (whose angles or geometry it reads as
+        observed) are also passed un-normalized, flat, under ``raw_key(key)``.
         """
-        raw = getattr(self.encoder, "raw_obs", {})
+        raw = getattr(self.encoder, "raw_obs", ())
         out = {}
         for key, value in obs.items():
             value = value[:, : self.n_obs_steps]
             if key in self.normalizer.dims:
                 flat = value.flatten(2).float()  # (B, To, D)
                 value = self.normalizer.normalize_key(key, flat)
-                if raw.get(key):  # value is a new tensor: set in place
-                    value[..., raw[key]] = flat[..., raw[key]]
+                if key in raw:
+                    out[raw_key(key)] = flat  # (B, To, D)
             out[key] = value
         return out
 
