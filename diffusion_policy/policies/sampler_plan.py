@@ -32,7 +32,9 @@ from diffusers import SchedulerMixin
 log = logging.getLogger(__name__)
 
 # Largest difference from the diffusers loop accepted in the check (float32, samples in [-1, 1]).
-TOLERANCE = 1e-4
+# A wrong plan differs by tenths; float round-off by up to 3e-4 (a DPM-Solver++ with
+# thresholding on an AVX-512 CPU, where 1e-4 refused a correct plan).
+TOLERANCE = 5e-4
 _PREDICTIONS = ("epsilon", "sample", "v_prediction")
 
 

@@ -51,7 +51,7 @@ def test_plan_reproduces_the_diffusers_loop(name, prediction):
         return torch.tanh(x @ weights[i]) * 3
 
     expected = _diffusers_loop(scheduler, 8, noise, model).clamp(-1, 1)
-    torch.testing.assert_close(plan.run(model, noise), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(plan.run(model, noise), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_clipping_is_part_of_the_plan():
