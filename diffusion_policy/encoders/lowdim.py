@@ -65,9 +65,7 @@ class LowDimEncoder(nn.Module):
         self.keys = list(keys)
         self.dims = {k: math.prod(obs_meta[k]["shape"]) for k in self.keys}
         self.keep: dict[str, list[int]] = {}
-        for k, drop in (exclude or {}).items():
-            if k not in self.dims:
-                raise KeyError(f"exclude key {k!r} is not among the encoder keys {self.keys}")
+        for k, drop in self._per_key("exclude", exclude):
             dropped = {int(i) for i in drop}
             self.keep[k] = [i for i in range(self.dims[k]) if i not in dropped]
             if not dropped <= set(range(self.dims[k])) or not self.keep[k]:
@@ -76,9 +74,7 @@ class LowDimEncoder(nn.Module):
                     "that leave at least one value"
                 )
         self.angles: dict[str, dict[int, int]] = {}
-        for k, folds in (angles or {}).items():
-            if k not in self.dims:
-                raise KeyError(f"angles key {k!r} is not among the encoder keys {self.keys}")
+        for k, folds in self._per_key("angles", angles):
             self.angles[k] = {int(i): int(m) for i, m in folds.items()}
             kept = self.keep.get(k, list(range(self.dims[k])))
             if not set(self.angles[k]) <= set(kept) or any(m < 1 for m in self.angles[k].values()):
@@ -88,9 +84,7 @@ class LowDimEncoder(nn.Module):
                 )
             self.keep[k] = [i for i in kept if i not in self.angles[k]]
         self.features: dict[str, list[str]] = {}
-        for k, names in (features or {}).items():
-            if k not in self.dims:
-                raise KeyError(f"features key {k!r} is not among the encoder keys {self.keys}")
+        for k, names in self._per_key("features", features):
             for name in names:
                 if name not in FEATURES:
                     raise ValueError(f"features {k!r}: {name!r} is not one of {sorted(FEATURES)}")
@@ -113,6 +107,13 @@ class LowDimEncoder(nn.Module):
             width = hidden
         self.mlp = nn.Sequential(*layers) if layers else None
         self.output_dim = width
+
+    def _per_key(self, option: str, values: Mapping[str, Any] | None) -> list[tuple[str, Any]]:
+        """The items of a per-key option, each key checked to be one of the encoder's."""
+        for k in values or {}:
+            if k not in self.dims:
+                raise KeyError(f"{option} key {k!r} is not among the encoder keys {self.keys}")
+        return list((values or {}).items())
 
     def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Maps observations to features (B, To, output_dim).
