@@ -110,10 +110,11 @@ class LowDimEncoder(nn.Module):
 
     def _per_key(self, option: str, values: Mapping[str, Any] | None) -> list[tuple[str, Any]]:
         """The items of a per-key option, each key checked to be one of the encoder's."""
-        for k in values or {}:
+        items = list((values or {}).items())
+        for k, _ in items:
             if k not in self.dims:
                 raise KeyError(f"{option} key {k!r} is not among the encoder keys {self.keys}")
-        return list((values or {}).items())
+        return items
 
     def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Maps observations to features (B, To, output_dim).
