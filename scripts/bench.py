@@ -30,8 +30,8 @@ min / median over ``--repeats`` runs after a warm-up run. Figures:
   per-tensor AdamW and fp32 (it ran within 3% of the original code); ours is the defaults. Both
   are timed in this process, alternating, at the paper keypoint config (training step;
   ``predict_action`` batch 1, DDIM 16, in torch and as the ONNX graph ``export.py onnx=true``
-  writes, at the bench's thread count) and the CPU recipe's model (``predict_action`` with its
-  own sampler).
+  writes, with float32 and with int8 weights, at the bench's thread count) and the CPU
+  recipe's model (``predict_action`` with its own sampler).
 - ``server``: a control tick that plans (``Controller.act``, batch 1) in-process and through
   the policy server over loopback (a server process on 127.0.0.1), p50 / p99, at the CPU
   recipe's sizes (``+experiment=pusht_lowdim_cpu``, untrained weights); the difference is the
@@ -193,10 +193,10 @@ def as_reference(policy: Any, fn: Any) -> Any:
     return run
 
 
-def onnx_graph(policy: Any, threads: int = 1) -> OnnxPolicy:
+def onnx_graph(policy: Any, threads: int = 1, weights: str = "fp32") -> OnnxPolicy:
     """The policy's sampling as `scripts/export.py onnx=true` writes it, run by ONNX Runtime."""
     with tempfile.TemporaryDirectory() as tmp:
-        return OnnxPolicy(export_onnx(policy, Path(tmp) / "policy.onnx"), threads)
+        return OnnxPolicy(export_onnx(policy, Path(tmp) / "policy.onnx", weights=weights), threads)
 
 
 def ratio_row(times: dict[str, list[float]], key: str = "ours") -> dict[str, Any]:
@@ -237,11 +237,13 @@ def bench_reference(cfg: Any, dataset: Any, recipe_overrides: list[str], repeats
     obs = dataset.get_batch([0])["obs"]
     predict = {"ours": lambda: policy.predict_action(obs)}
     predict["reference"] = as_reference(policy, predict["ours"])
-    graph = onnx_graph(policy, torch.get_num_threads())
-    predict["onnx"] = lambda: graph.predict_action(obs)
+    for weights in ("fp32", "int8"):
+        graph = onnx_graph(policy, torch.get_num_threads(), weights)
+        predict[f"onnx_{weights}"] = lambda graph=graph: graph.predict_action(obs)
     times = alternating(predict, repeats)
     out["predict_ddim_16"] = ratio_row(times)
-    out["predict_ddim_16_onnx"] = ratio_row(times, key="onnx")
+    out["predict_ddim_16_onnx"] = ratio_row(times, key="onnx_fp32")
+    out["predict_ddim_16_onnx_int8"] = ratio_row(times, key="onnx_int8")
 
     recipe_cfg = compose_cfg("pusht_lowdim_cpu", recipe_overrides)
     recipe_data = instantiate(recipe_cfg.dataset)
@@ -543,6 +545,7 @@ def main() -> None:
             "train_step": "keypoint train step, batch 256",
             "predict_ddim_16": "keypoint predict_action, batch 1, DDIM 16",
             "predict_ddim_16_onnx": "keypoint predict_action, batch 1, DDIM 16, ONNX Runtime",
+            "predict_ddim_16_onnx_int8": "the same, ONNX Runtime with int8 weights",
             "recipe_predict": "CPU recipe predict_action, batch 1, its own sampler",
         }
         for key, label in labels.items():

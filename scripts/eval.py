@@ -2,10 +2,13 @@
 
     python scripts/eval.py checkpoint=outputs/.../checkpoints/latest.ckpt
     python scripts/eval.py checkpoint=... noise_scheduler=ddim num_inference_steps=16
+    python scripts/eval.py checkpoint=... onnx=int8   # as the exported graph samples
 
 Another ``noise_scheduler`` replaces the trained one for sampling only: it keeps the trained
 noise schedule and prediction type (see :func:`sampling_scheduler`), so any scheduler config of
-``configs/noise_scheduler`` applies to any checkpoint.
+``configs/noise_scheduler`` applies to any checkpoint. ``onnx=fp32|int8`` scores the policy as
+``scripts/export.py onnx=true`` would deploy it: its sampling exported as an ONNX graph
+(``<output_dir>/policy.onnx``; int8: 8-bit weights) and run by ONNX Runtime.
 
 A checkpoint path containing ``=`` (top-k files of older runs: ``epoch=0049-...=0.691.ckpt``)
 is quoted for Hydra by this script; elsewhere quote it yourself:
@@ -68,11 +71,17 @@ def main(cfg: DictConfig) -> None:
     policy.set_sampler(scheduler, cfg.num_inference_steps)
     if cfg.runner.get("n_action_steps") is not None:  # chunks as long as the runner executes
         policy.set_n_action_steps(cfg.runner.n_action_steps)
-    if cfg.compile:
+    if cfg.compile and not cfg.onnx:
         policy.compile_sampling(whole_loop=False)  # a quick compile; float32 round-off apart
+    sampler = type(policy.noise_scheduler).__name__
 
     out_dir = Path(cfg.output_dir or checkpoint.parent.parent / "eval" / checkpoint.stem)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.onnx:
+        from diffusion_policy.deploy.onnx_policy import OnnxPolicy, export_onnx  # `onnx` extra
+
+        graph = export_onnx(policy.cpu(), out_dir / "policy.onnx", weights=cfg.onnx)
+        policy = OnnxPolicy(graph, threads=torch.get_num_threads())
     runner_cfg = OmegaConf.merge(
         train_cfg.env_runner, {k: v for k, v in cfg.runner.items() if v is not None}
     )
@@ -86,8 +95,9 @@ def main(cfg: DictConfig) -> None:
     summary = {k: v for k, v in result.items() if isinstance(v, int | float)}
     report = {
         "checkpoint": str(checkpoint),
-        "noise_scheduler": type(policy.noise_scheduler).__name__,
+        "noise_scheduler": sampler,
         "num_inference_steps": policy.num_inference_steps,
+        "onnx": cfg.onnx,
         "n_action_steps": runner.n_action_steps,
         "replan_at": runner.replan_at,
         "ensemble_decay": runner.ensemble_decay,

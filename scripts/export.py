@@ -3,6 +3,7 @@
     python scripts/export.py checkpoint=outputs/.../checkpoints/latest.ckpt out=exports/pusht
     python scripts/export.py checkpoint=... out=... use_ema=false num_inference_steps=16
     python scripts/export.py checkpoint=... out=... onnx=true   # + out/policy.onnx
+    python scripts/export.py checkpoint=... out=... onnx=true onnx_weights=int8
 
 The folder loads with ``diffusion_policy.deploy.export.load_exported(out)`` (no Hydra, nothing
 from the folder is run), serves with ``scripts/serve.py checkpoint=out``, and uploads as it is
@@ -46,7 +47,8 @@ def main(cfg: DictConfig) -> None:
     if cfg.onnx:
         from diffusion_policy.deploy.onnx_policy import export_onnx  # the `onnx` extra
 
-        export_onnx(policy, Path(out) / ONNX_FILE)  # checked against the policy's actions
+        # Checked against the policy's actions.
+        export_onnx(policy, Path(out) / ONNX_FILE, weights=cfg.onnx_weights)
     n_params = sum(p.numel() for p in policy.parameters())
     print(f"exported {cfg.checkpoint} ({n_params / 1e6:.2f}M parameters) to {out}")
 

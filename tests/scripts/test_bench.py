@@ -45,6 +45,7 @@ def test_bench_quick_reports_every_figure(pusht_zarr_path, tmp_path):
         "train_step",
         "predict_ddim_16",
         "predict_ddim_16_onnx",
+        "predict_ddim_16_onnx_int8",
         "recipe_predict",
     }
     assert all(row["ratio"] > 0 for row in reference.values())

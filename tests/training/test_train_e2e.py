@@ -87,6 +87,17 @@ def test_cli_train_then_eval(pusht_zarr_path, tmp_path):
     report = json.loads((run / "eval" / "latest" / "eval_results.json").read_text())
     assert [e["seed"] for e in report["per_episode"]] == [100000, 100001]
     assert report["num_inference_steps"] == 3 and report["n_action_steps"] == 4
+    # As the exported graph with 8-bit weights samples (DDPM draws noise: DDIM for the graph).
+    subprocess.run(
+        [sys.executable, "scripts/eval.py", f"checkpoint={ckpt}", "runner.n_test=2",
+         "runner.n_train=0", "runner.max_steps=8", "noise_scheduler=ddim",
+         "num_inference_steps=3", "onnx=int8", f"output_dir={tmp_path / 'int8'}"],
+        cwd=REPO, env=env, check=True, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    report = json.loads((tmp_path / "int8" / "eval_results.json").read_text())
+    assert report["onnx"] == "int8" and report["noise_scheduler"] == "DDIMScheduler"
+    assert [e["seed"] for e in report["per_episode"]] == [100000, 100001]
+    assert (tmp_path / "int8" / "policy.onnx").exists()
 
 
 def test_cli_missing_dataset_is_one_line(tmp_path):
