@@ -30,11 +30,12 @@ from torch import nn
 
 __all__ = ["BLOCK_SIZE", "Conv1dAsMatMul", "matmul_convolutions", "quantize_matmul_weights"]
 
-# Codes per scale along the reduction axis. On a 2-core Xeon with AMX the paper UNet's DDIM
-# 16-step chunk took 241 ms with blocks of 128 against 696 ms with blocks of 32.
+# Codes per scale along the reduction axis. On a 2-core Xeon with AMX (one thread, beside a
+# training run) the paper UNet's DDIM 16-step chunk took 241 ms with blocks of 128 against
+# 696 ms with blocks of 32.
 BLOCK_SIZE = 128
-# MatMulNBits' int8 products (level 4); level 0 (float32 products of the decoded weights) took
-# 3.8 s for the same chunk.
+# MatMulNBits' int8 products (level 4); with level 0 (float32 products of the decoded weights)
+# the same chunk took 3.8 s there.
 ACCURACY_LEVEL = 4
 BITS = 8
 ZERO_CODE = 2 ** (BITS - 1)  # MatMulNBits' zero point when the graph gives none
@@ -134,7 +135,7 @@ def quantize_matmul_weights(model: onnx.ModelProto, block_size: int = BLOCK_SIZE
                 bits=BITS,
                 block_size=block_size,
                 accuracy_level=ACCURACY_LEVEL,
-            )  # fmt: skip
+            )
         )
         if bias:
             nodes.append(helper.make_node("Add", [out, bias], [node.output[0]]))
