@@ -33,9 +33,9 @@ bench: ## Print training/inference/data/rollout benchmarks
 data: ## Download and unpack the Push-T demonstrations into data/
 	$(PYTHON) scripts/download_pusht.py
 
-data-blockpush: ## Generate the 1,000 BlockPush oracle demonstrations (and the CPU recipe's, with detours) into data/blockpush/
+data-blockpush: ## Generate the 1,000 BlockPush oracle demonstrations (and the CPU recipe's 2,000, with detours) into data/blockpush/
 	$(PYTHON) scripts/generate_blockpush.py
-	$(PYTHON) scripts/generate_blockpush.py --detour-prob 0.03 --dest data/blockpush/blockpush_paper_v3_detour03.zarr
+	$(PYTHON) scripts/generate_blockpush.py --detour-prob 0.03 --n-episodes 2000 --dest data/blockpush/blockpush_paper_v3_detour03_n2000.zarr
 
 train-debug: ## A tiny end-to-end training run (seconds)
 	$(PYTHON) train.py +experiment=pusht_lowdim +debug=fast

@@ -75,9 +75,9 @@ def test_paper_settings():
     cpu = _compose(["+experiment=blockpush_lowdim_cpu"])
     assert (cpu.trainer.max_minutes, cpu.trainer.batch_size) == (60, 64)
     assert cpu.policy.num_inference_steps == 16
-    # The CPU recipe trains on demonstrations with detours, generated on first use.
-    assert cpu.dataset.zarr_path == "data/blockpush/blockpush_paper_v3_detour03.zarr"
-    assert cpu.dataset.generate_detour_prob == 0.03
+    # The CPU recipe trains on 2,000 demonstrations with detours, generated on first use.
+    assert cpu.dataset.zarr_path == "data/blockpush/blockpush_paper_v3_detour03_n2000.zarr"
+    assert (cpu.dataset.generate_episodes, cpu.dataset.generate_detour_prob) == (2000, 0.03)
     dpt = _compose(["+experiment=blockpush_lowdim_transformer"])
     assert (dpt.denoiser.n_layer, dpt.denoiser.n_emb, dpt.denoiser.p_drop_attn) == (8, 256, 0.3)
     # The paper's relative moves; the CPU recipe's targets, which its runner follows.
