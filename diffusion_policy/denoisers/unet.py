@@ -37,10 +37,13 @@ class FiLMResBlock(nn.Module):
         self.conv2 = ConvBlock(out_ch, out_ch, kernel_size, n_groups)
         self.film = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, 2 * out_ch))
         self.skip = nn.Conv1d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.out_ch = out_ch
 
     def forward(self, x: torch.Tensor, film: torch.Tensor) -> torch.Tensor:
         """x: (B, C_in, T), film: ``self.film`` of the condition (B, 2 * C_out) -> (B, C_out, T)."""
-        scale, shift = film.unsqueeze(-1).chunk(2, dim=1)  # (B, C_out, 1) each
+        # Sliced at a constant channel: an exported graph then computes no split point per call.
+        film = film.unsqueeze(-1)
+        scale, shift = film[:, : self.out_ch], film[:, self.out_ch :]  # (B, C_out, 1) each
         h = self.conv1(x) * scale + shift
         return self.conv2(h) + self.skip(x)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -205,9 +206,41 @@ class ExpMish(nn.Module):
         return x * (n / (n + 2.0))
 
 
+class GroupNormOfConstantShape(nn.Module):
+    """``nn.GroupNorm`` over (B, C, ...) whose exported graph reshapes to constant shapes.
+
+    ``nn.GroupNorm`` exports as a reshape to groups, ``InstanceNormalization`` and a reshape back
+    to the input's shape, read from the input at every call (``Shape``, ``Gather``): two of the
+    paper UNet's 25 small operations per convolution block, which at batch 1 cost about as much
+    as their arithmetic. All but the batch are constants of a traced graph, so this reshapes to
+    them.
+
+    Args:
+        norm: The group norm (affine); its weights are copied.
+    """
+
+    def __init__(self, norm: nn.GroupNorm) -> None:
+        super().__init__()
+        self.groups, self.eps = norm.num_groups, norm.eps
+        self.weight = nn.Parameter(norm.weight.detach().clone())  # (C,)
+        self.bias = nn.Parameter(norm.bias.detach().clone())
+        # Given, the exporter takes the groups' count from these instead of asking for it.
+        self.register_buffer("unit", torch.ones(self.groups), persistent=False)
+        self.register_buffer("zero", torch.zeros(self.groups), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, ...) -> the same shape."""
+        shape = [int(d) for d in x.shape[1:]]  # (C, ...)
+        groups = x.reshape(-1, self.groups, math.prod(shape) // self.groups)
+        y = nn.functional.instance_norm(groups, weight=self.unit, bias=self.zero, eps=self.eps)
+        per_channel = (-1,) + (1,) * (len(shape) - 1)  # (C, 1, ...)
+        return y.reshape(-1, *shape) * self.weight.view(per_channel) + self.bias.view(per_channel)
+
+
 def for_onnx_runtime(policy: DiffusionPolicy) -> DiffusionPolicy:
     """A copy of the policy computing the same function with layers ONNX Runtime runs fast:
-    1-D convolutions as :class:`Conv1dAs2d`, ``nn.Mish`` as :class:`ExpMish`."""
+    1-D convolutions as :class:`Conv1dAs2d`, ``nn.Mish`` as :class:`ExpMish`, group norms as
+    :class:`GroupNormOfConstantShape`."""
     policy = copy.deepcopy(policy)
     for module in list(policy.modules()):
         for name, child in module.named_children():
@@ -215,6 +248,8 @@ def for_onnx_runtime(policy: DiffusionPolicy) -> DiffusionPolicy:
                 setattr(module, name, Conv1dAs2d(child))
             elif isinstance(child, nn.Mish):
                 setattr(module, name, ExpMish())
+            elif isinstance(child, nn.GroupNorm) and child.affine:
+                setattr(module, name, GroupNormOfConstantShape(child))
     return policy
 
 
