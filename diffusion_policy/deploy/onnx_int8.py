@@ -6,12 +6,17 @@ as the memory takes to deliver them. Stored as 8-bit codes the weights are a qua
 :func:`export_onnx(..., weights="int8") <diffusion_policy.deploy.onnx_policy.export_onnx>`
 writes such a graph in two steps:
 
-- before tracing, :func:`matmul_convolutions` rewrites the UNet's stride-1 convolutions as one
-  matrix product over the stacked shifted windows (:class:`Conv1dAsMatMul`): the same function,
-  with its weight as one (k * C_in, C_out) matrix;
+- before tracing, :func:`matmul_convolutions` rewrites the UNet's convolutions (the down- and
+  upsampling ones too) as one matrix product over stacked windows of their input
+  (:class:`Conv1dAsMatMul`): the same function, with its weight as one matrix;
 - after tracing, :func:`quantize_matmul_weights` replaces every matrix product with a constant
   weight (those, and the ``Linear`` layers) by ONNX Runtime's ``MatMulNBits``: the weight as
-  8-bit codes in blocks of :data:`BLOCK_SIZE` along the reduction axis, one scale per block.
+  8-bit codes in blocks of :data:`BLOCK_SIZE` along the reduction axis, one scale per block,
+  and the bias added to the product as its bias input.
+
+At batch 1 the small operations between the products cost as much as the products' arithmetic
+(a few microseconds each, about 10,000 in a DDIM 16-step chunk of the paper UNet), so the
+rewritten layers compute no shapes at run time.
 
 ONNX Runtime then multiplies in int8 (``accuracy_level`` 4: the activations are quantized per
 block too, on the fly). The actions differ from the float32 policy's by the rounding; how much
@@ -29,7 +34,13 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-__all__ = ["BLOCK_SIZE", "Conv1dAsMatMul", "matmul_convolutions", "quantize_matmul_weights"]
+__all__ = [
+    "BLOCK_SIZE",
+    "Conv1dAsMatMul",
+    "converts",
+    "matmul_convolutions",
+    "quantize_matmul_weights",
+]
 
 # Codes per scale along the reduction axis. On a 2-core Xeon with AMX (one thread, beside a
 # training run) the paper UNet's DDIM 16-step chunk took 241 ms with blocks of 128 against
@@ -39,6 +50,7 @@ BLOCK_SIZE = 128
 # the same chunk took 3.8 s there.
 ACCURACY_LEVEL = 4
 BITS = 8
+ZERO_CODE = 2 ** (BITS - 1)  # MatMulNBits' zero point when the graph gives none
 
 
 class Conv1dAsMatMul(nn.Module):
@@ -125,9 +137,7 @@ def matmul_convolutions(module: nn.Module) -> nn.Module:
     return module
 
 
-def quantize_matmul_weights(
-    model: onnx.ModelProto, block_size: int = BLOCK_SIZE, bits: int = BITS
-) -> int:
+def quantize_matmul_weights(model: onnx.ModelProto, block_size: int = BLOCK_SIZE) -> int:
     """Replaces, in place, every ``MatMul`` with a constant 2-D weight and every plain ``Gemm``
     (``Linear``: weight transposed, no scaling) by ``MatMulNBits`` with 8-bit weights.
 
@@ -140,7 +150,6 @@ def quantize_matmul_weights(
     Args:
         model: The graph; changed in place.
         block_size: Weights per scale (a power of two, at least 16).
-        bits: Bits per weight code (ONNX Runtime runs 4 and 8).
 
     Returns:
         The number of nodes replaced.
@@ -168,8 +177,8 @@ def quantize_matmul_weights(
         if key not in coded:
             w_kn = numpy_helper.to_array(w).astype(np.float32)
             w_kn = w_kn.T if transposed else w_kn  # (K, N)
-            codes, scales = _block_codes(w_kn, block_size, bits)
-            names = (f"{w.name}.q{bits}", f"{w.name}.q{bits}_scale")
+            codes, scales = _block_codes(w_kn, block_size)
+            names = (f"{w.name}.q8", f"{w.name}.q8_scale")
             graph.initializer.extend(map(numpy_helper.from_array, (codes, scales), names))
             coded[key] = (*names, *w_kn.shape)
         codes_name, scales_name, k, n = coded[key]
@@ -189,11 +198,11 @@ def quantize_matmul_weights(
                 "MatMulNBits",
                 [node.input[0], codes_name, scales_name, *bias],
                 [out],
-                name=f"{node.name or node.output[0]}.q{bits}",
+                name=f"{node.name or node.output[0]}.q8",
                 domain="com.microsoft",
                 K=k,
                 N=n,
-                bits=bits,
+                bits=BITS,
                 block_size=block_size,
                 accuracy_level=ACCURACY_LEVEL,
             )
@@ -230,18 +239,14 @@ def _is_linear(node: onnx.NodeProto) -> bool:
     )
 
 
-def _block_codes(w: np.ndarray, block_size: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """(K, N) float weights -> codes (N, K / block, block * bits / 8) uint8 and scales
-    (N * K / block,). 4-bit codes pack two to a byte, the first in the low half."""
+def _block_codes(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(K, N) float weights -> codes (N, K / block, block) uint8 and scales (N * K / block,)."""
     k, n = w.shape
     blocks = -(-k // block_size)
     padded = np.zeros((n, blocks * block_size), np.float32)
     padded[:, :k] = w.T
     padded = padded.reshape(n, blocks, block_size)
-    zero = 2 ** (bits - 1)  # MatMulNBits' zero point when the graph gives none
-    scales = np.abs(padded).max(axis=2) / (zero - 1)  # (N, blocks)
+    scales = np.abs(padded).max(axis=2) / (ZERO_CODE - 1)  # (N, blocks)
     scales[scales == 0] = 1.0
-    codes = (np.rint(padded / scales[..., None]).clip(1 - zero, zero - 1) + zero).astype(np.uint8)
-    if bits == 4:
-        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return codes, scales.astype(np.float32).reshape(-1)
+    codes = np.rint(padded / scales[..., None]).clip(1 - ZERO_CODE, ZERO_CODE - 1) + ZERO_CODE
+    return codes.astype(np.uint8), scales.astype(np.float32).reshape(-1)
