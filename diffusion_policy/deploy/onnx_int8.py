@@ -55,7 +55,8 @@ ZERO_CODE = 2 ** (BITS - 1)  # MatMulNBits' zero point when the graph gives none
 
 class Conv1dAsMatMul(nn.Module):
     """A 1-D convolution, or transposed convolution, as one matrix product over stacked
-    windows of its input: the same function, its weight one (windows * C_in, C_out) matrix.
+    windows of its input: the same function, its weight one (windows * C_in, C_out) matrix
+    ((windows * C_in, s * C_out) for a transposed one, below).
 
     A transposed convolution of stride s whose output is s times its input long (the UNet's
     upsampling: kernel 4, stride 2, padding 1) is an ordinary convolution with s outputs per

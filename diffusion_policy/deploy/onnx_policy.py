@@ -210,10 +210,10 @@ class GroupNormOfConstantShape(nn.Module):
     """``nn.GroupNorm`` over (B, C, ...) whose exported graph reshapes to constant shapes.
 
     ``nn.GroupNorm`` exports as a reshape to groups, ``InstanceNormalization`` and a reshape back
-    to the input's shape, read from the input at every call (``Shape``, ``Gather``): two of the
-    paper UNet's 25 small operations per convolution block, which at batch 1 cost about as much
-    as their arithmetic. All but the batch are constants of a traced graph, so this reshapes to
-    them.
+    to the input's shape, read from the input at every call (``Shape``, ``Gather``: two more
+    operations per norm, 800 in the paper UNet's DDIM 16-step chunk, each costing at batch 1
+    about as much as a norm's arithmetic). All but the batch are constants of a traced graph, so
+    this reshapes to them.
 
     Args:
         norm: The group norm (affine); its weights are copied.
