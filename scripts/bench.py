@@ -193,10 +193,15 @@ def as_reference(policy: Any, fn: Any) -> Any:
     return run
 
 
+# The graphs' files live as long as the bench: a graph opens a session per thread count when
+# asked for one (`choose_inference_threads`), reading its file again.
+GRAPHS = tempfile.TemporaryDirectory(prefix="bench-onnx-")
+
+
 def onnx_graph(policy: Any, threads: int = 1, weights: str = "fp32") -> OnnxPolicy:
     """The policy's sampling as `scripts/export.py onnx=true` writes it, run by ONNX Runtime."""
-    with tempfile.TemporaryDirectory() as tmp:
-        return OnnxPolicy(export_onnx(policy, Path(tmp) / "policy.onnx", weights=weights), threads)
+    path = Path(tempfile.mkdtemp(dir=GRAPHS.name)) / "policy.onnx"
+    return OnnxPolicy(export_onnx(policy, path, weights=weights), threads)
 
 
 def ratio_row(times: dict[str, list[float]], key: str = "ours") -> dict[str, Any]:

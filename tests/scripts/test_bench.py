@@ -7,6 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from tests.deploy.fakes import tiny_policy
+from tests.helpers import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,3 +55,20 @@ def test_bench_quick_reports_every_figure(pusht_zarr_path, tmp_path):
     }
     assert all(row["ratio"] > 0 for row in reference.values())
     assert "| keypoint train step, batch 32" in proc.stdout
+
+
+def test_a_benched_graph_opens_sessions_of_other_thread_counts_later():
+    """`choose_inference_threads` times a graph at other thread counts after its export."""
+    policy = tiny_policy()
+    policy.set_sampler(DDIMScheduler.from_config(policy.noise_scheduler.config), 4)
+    graph = load_script("bench").onnx_graph(policy, threads=1)
+    graph.set_num_threads(2)  # reads the file again
+    obs = {
+        k: torch.zeros(1, policy.n_obs_steps, *m["shape"])
+        for k, m in graph.shape_meta["obs"].items()
+    }
+    assert graph.predict_action(obs)["action"].shape == (
+        1,
+        policy.n_action_steps,
+        policy.action_dim,
+    )
