@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from diffusers import DDIMScheduler
 
+from diffusion_policy.deploy.warmup import example_obs
 from tests.deploy.fakes import tiny_policy
 from tests.helpers import load_script
 
@@ -63,11 +63,7 @@ def test_a_benched_graph_opens_sessions_of_other_thread_counts_later():
     policy.set_sampler(DDIMScheduler.from_config(policy.noise_scheduler.config), 4)
     graph = load_script("bench").onnx_graph(policy, threads=1)
     graph.set_num_threads(2)  # reads the file again
-    obs = {
-        k: torch.zeros(1, policy.n_obs_steps, *m["shape"])
-        for k, m in graph.shape_meta["obs"].items()
-    }
-    assert graph.predict_action(obs)["action"].shape == (
+    assert graph.predict_action(example_obs(graph))["action"].shape == (
         1,
         policy.n_action_steps,
         policy.action_dim,
