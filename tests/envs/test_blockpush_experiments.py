@@ -73,7 +73,7 @@ def test_paper_settings():
     assert wide.env_runner.layout == "wide"
     assert (cfg.env_runner.n_test, cfg.env_runner.n_train) == (50, 6)
     cpu = _compose(["+experiment=blockpush_lowdim_cpu"])
-    assert (cpu.trainer.max_minutes, cpu.trainer.batch_size) == (60, 64)
+    assert (cpu.trainer.max_minutes, cpu.trainer.batch_size) == (60, 256)
     assert cpu.policy.num_inference_steps == 16
     # The CPU recipe trains on 2,000 demonstrations with detours, generated on first use.
     assert cpu.dataset.zarr_path == "data/blockpush/blockpush_paper_v3_detour03_n2000.zarr"
