@@ -94,9 +94,9 @@ class Conv1dAsMatMul(nn.Module):
             self.pad, self.step, self.phases = (p, p), s, 1
         self.windows, self.c_in, self.c_out = weight.shape[0], c_in, c_out
         self.weight = nn.Parameter(weight.reshape(self.windows * c_in, -1).clone())
-        # The bias of every phase, added to the product (where the int8 graph folds it in).
-        bias = None if conv.bias is None else conv.bias.detach().repeat(self.phases)
-        self.bias = None if bias is None else nn.Parameter(bias)  # (s * C_out,)
+        # The bias of every phase, added to the product (the int8 graph folds it in).
+        bias = conv.bias
+        self.bias = None if bias is None else nn.Parameter(bias.detach().repeat(self.phases))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, T) -> (B, C_out, T')."""
