@@ -73,9 +73,7 @@ class DenoisingChain(nn.Module):
         num_steps: Denoising steps of the chain (evenly spaced training timesteps, the last one
             first); None uses every training step (DDPM).
         ft_steps: How many of the last steps are fine-tuned (0..num_steps).
-        eta: Stochasticity of each step, in [0, 1]: 1 is DDPM's posterior variance; 0 keeps
-            DDIM's deterministic means, so that ``min_std`` alone explores around the sampler
-            that is deployed.
+        eta: Stochasticity of each step, in (0, 1]; 1 is DDPM's posterior variance.
         min_std: Lower bound of every step's standard deviation when sampling (> 0): the
             exploration noise.
         logprob_min_std: Lower bound of the standard deviation the log-densities are computed
@@ -105,8 +103,8 @@ class DenoisingChain(nn.Module):
             raise ValueError(f"num_steps={num_steps} must be in [1, num_train_timesteps={n_train}]")
         if not 0 <= ft_steps <= num_steps:
             raise ValueError(f"ft_steps={ft_steps} must be in [0, num_steps={num_steps}]")
-        if not 0.0 <= eta <= 1.0:
-            raise ValueError(f"eta={eta} must be in [0, 1]")
+        if not 0.0 < eta <= 1.0:
+            raise ValueError(f"eta={eta} must be in (0, 1]")
         logprob_min_std = min_std if logprob_min_std is None else logprob_min_std
         for name, value in (("min_std", min_std), ("logprob_min_std", logprob_min_std)):
             if not value > 0:
@@ -209,7 +207,8 @@ class DenoisingChain(nn.Module):
         # chain without its noise is that sampler step for step (see ddim_config).
         if self.clip is not None:
             x0 = x0.clamp(-self.clip, self.clip)
-        sigma = self.eta * _posterior_std(a_t, a_prev)  # (B, 1, 1)
+        var = ((1 - a_prev) / (1 - a_t)) * (1 - a_t / a_prev)
+        sigma = self.eta * var.clamp_min(0).sqrt()  # (B, 1, 1)
         mean = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp_min(0).sqrt() * eps
         return mean, sigma
 
@@ -234,22 +233,9 @@ class DenoisingChain(nn.Module):
         Returns:
             ``log_prob`` (B,), ``mean`` (B, T, Da) and ``std`` (B, 1, 1).
         """
-        mean, _ = self.gaussian(denoiser or self.policy.denoiser, x, t, cond)
-        std = self.scoring_std(t, x)
+        mean, sigma = self.gaussian(denoiser or self.policy.denoiser, x, t, cond)
+        std = sigma.clamp_min(self.logprob_min_std)
         return self._log_density(x_prev, mean, std), mean, std
-
-    def scoring_std(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """The std the log-densities use at timesteps ``t`` (B,): (B, 1, 1).
-
-        DDPM's posterior std at the step (``eta = 1``'s, whatever ``eta`` samples with),
-        bounded below by ``logprob_min_std``. With ``eta = 1`` it is the sampled step's std (up
-        to the bounds). With ``eta = 0`` the noisiest steps pass a change of the predicted
-        noise almost one to one into the mean; scored with the small std they are sampled
-        with, the first PPO update on Push-T had an approximate KL of 0.9, with DDPM's std a
-        few thousandths, as with ``eta = 1``.
-        """
-        a_t, a_prev = self._alphas(t, like)
-        return _posterior_std(a_t, a_prev).view(-1, 1, 1).clamp_min(self.logprob_min_std)
 
     @torch.no_grad()
     def sample(
@@ -284,7 +270,8 @@ class DenoisingChain(nn.Module):
             x_prev = mean + sigma.clamp_min(self.min_std) * noise
             if fine_tuned:
                 samples.append(x)
-                log_probs.append(self._log_density(x_prev, mean, self.scoring_std(tt, x)))
+                std = sigma.clamp_min(self.logprob_min_std)
+                log_probs.append(self._log_density(x_prev, mean, std))
             x = x_prev
         samples.append(x)
         # The policy's own clip, un-normalization and origin: the actions its sampler would give.
@@ -322,8 +309,3 @@ class DenoisingChain(nn.Module):
         if self.log_prob == "sum":
             return per_element.flatten(1).sum(1)
         return per_element[:, self.executed].flatten(1).mean(1)
-
-
-def _posterior_std(a_t: torch.Tensor, a_prev: torch.Tensor) -> torch.Tensor:
-    """DDPM's posterior std from cumulative alpha ``a_t`` to the chain's next, ``a_prev``."""
-    return (((1 - a_prev) / (1 - a_t)) * (1 - a_t / a_prev)).clamp_min(0).sqrt()
