@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion_policy.rl.chain import DenoisingChain
 from diffusion_policy.rl.critic import ValueMLP
-from diffusion_policy.rl.gae import gae, group_advantages
+from diffusion_policy.rl.gae import gae
 from diffusion_policy.rl.ppo import PPOBatch, PPOConfig, ppo_update
 from diffusion_policy.rl.rollouts import Rollout, collect, make_chunk_envs
 from diffusion_policy.training.builders import load_policy, resolve_device
@@ -100,11 +100,6 @@ class FineTuner:
         self.iteration, self.env_steps, self.best_score = 0, 0, -math.inf
 
         rcfg = cfg.rollout
-        if rcfg.group_size < 1 or rcfg.n_envs % rcfg.group_size:
-            raise ValueError(
-                f"rollout.group_size={rcfg.group_size} must be >= 1 and divide "
-                f"rollout.n_envs={rcfg.n_envs}"
-            )
         self._check_seeds()
         self.n_decisions = -(-rcfg.max_steps // self.policy.n_action_steps)
         self.envs = make_chunk_envs(
@@ -170,9 +165,8 @@ class FineTuner:
         tic = time.perf_counter()
         # Seeded by the iteration: a resumed run draws what the original would have.
         gen = torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + self.iteration)
-        # group_size envs run each seed (one initial state, different chain noise).
-        first = rcfg.train_start_seed + self.iteration * (rcfg.n_envs // rcfg.group_size)
-        seeds = [first + e // rcfg.group_size for e in range(rcfg.n_envs)]
+        first = rcfg.train_start_seed + self.iteration * rcfg.n_envs
+        seeds = list(range(first, first + rcfg.n_envs))
         self.policy.eval()
         rollout = collect(self.envs, self.chain, self.critic, seeds, self.n_decisions, gen)
         rollout_s = time.perf_counter() - tic
@@ -203,13 +197,10 @@ class FineTuner:
         }
 
     def _ppo_batch(self, rollout: Rollout) -> PPOBatch:
-        """Advantages by GAE over the decisions (or against the group's episodes, with
-        ``rollout.group_size > 1``), flattened to the valid ones. The critic's targets are
-        GAE's returns either way."""
+        """Advantages by GAE over the decisions, flattened to the valid ones."""
         rcfg = self.cfg.rollout
-        rewards = rollout.rewards * rcfg.reward_scale
         advantages, returns = gae(
-            rewards,
+            rollout.rewards * rcfg.reward_scale,
             rollout.values,
             rollout.last_values,
             rollout.dones.float(),
@@ -217,8 +208,6 @@ class FineTuner:
             lam=rcfg.lam,
         )  # (N, E) each
         valid = rollout.valid  # (N, E)
-        if rcfg.group_size > 1:
-            advantages = group_advantages(rewards, valid, rcfg.group_size)
         return PPOBatch(
             cond=rollout.cond[valid],  # (M, To, F)
             elapsed=rollout.elapsed[valid],  # (M,)
@@ -290,7 +279,7 @@ class FineTuner:
         test_start = ecfg.test_start_seed if ecfg.test_start_seed is not None else 100000
         n_test = ecfg.n_test if ecfg.n_test is not None else 50
         first = rcfg.train_start_seed
-        last = first + self.cfg.n_iterations * (rcfg.n_envs // rcfg.group_size)
+        last = first + self.cfg.n_iterations * rcfg.n_envs
         if first < test_start + n_test and test_start < last:
             raise ValueError(
                 f"rollout.train_start_seed={first} gives training seeds {first}..{last - 1}, "

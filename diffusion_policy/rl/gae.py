@@ -1,5 +1,4 @@
-"""Advantages over environment decisions: GAE (Schulman et al. 2016) with the critic, or the
-episode return against the other episodes of its group (episodes from one initial state)."""
+"""Generalized advantage estimation (Schulman et al. 2016) over environment decisions."""
 
 from __future__ import annotations
 
@@ -47,27 +46,3 @@ def gae(
         advantages[n] = next_adv
         next_value = values[n]
     return advantages, advantages + values
-
-
-def group_advantages(rewards: torch.Tensor, valid: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Each episode's return minus the mean return of the other episodes of its group.
-
-    Envs ``g * group_size .. (g + 1) * group_size - 1`` ran one initial state (seed) with
-    different chain noise, so the leave-one-out mean is a baseline free of the initial state's
-    difficulty, which on Push-T explains about half the variance of the returns and the critic
-    little of it (RLOO, Kool et al. 2019). Every decision of an episode gets its advantage.
-
-    Args:
-        rewards: Reward of each decision (N, E).
-        valid: Whether the decision belongs to the env's episode (N, E).
-        group_size: Episodes per initial state (>= 2), dividing E.
-
-    Returns:
-        Advantages (N, E), zero where ``valid`` is False.
-    """
-    N, E = rewards.shape
-    if group_size < 2 or E % group_size:
-        raise ValueError(f"group_size={group_size} must be >= 2 and divide the {E} envs")
-    returns = (rewards * valid).sum(0).view(-1, group_size)  # (E / G, G)
-    others = (returns.sum(1, keepdim=True) - returns) / (group_size - 1)
-    return (returns - others).view(1, E) * valid

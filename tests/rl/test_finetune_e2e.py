@@ -160,24 +160,3 @@ def test_time_budget_ends_the_run(bc_checkpoint, tmp_path):
     # A 60 us budget ends the run at its first check: before or after the first iteration,
     # depending on the machine's load; never at n_iterations.
     assert load_checkpoint(run / "checkpoints" / "latest.ckpt")["finetune"]["iteration"] in (0, 1)
-
-
-def test_groups_of_envs_share_a_seed(bc_checkpoint, tmp_path, monkeypatch):
-    from diffusion_policy.rl import finetuner
-
-    seen = []
-
-    def spy(envs, chain, critic, seeds, *args):
-        seen.append(list(seeds))
-        return collect(envs, chain, critic, seeds, *args)
-
-    collect = finetuner.collect
-    monkeypatch.setattr(finetuner, "collect", spy)
-    cfg = _cfg(bc_checkpoint, "rollout.n_envs=4", "rollout.group_size=2", "eval_every=0")
-    FineTuner(cfg, tmp_path / "run").run()
-    assert seen == [[200000, 200000, 200001, 200001], [200002, 200002, 200003, 200003]]
-
-
-def test_group_size_must_divide_the_envs(bc_checkpoint, tmp_path):
-    with pytest.raises(ValueError, match="group_size=3"):
-        FineTuner(_cfg(bc_checkpoint, "rollout.group_size=3"), tmp_path / "run")

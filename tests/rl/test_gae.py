@@ -1,11 +1,11 @@
-"""GAE and the group baseline against hand-computed examples."""
+"""GAE against a hand-computed example."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from diffusion_policy.rl.gae import gae, group_advantages
+from diffusion_policy.rl.gae import gae
 
 
 def test_gae_by_hand():
@@ -32,19 +32,3 @@ def test_gae_lambda_one_is_discounted_return_minus_value():
 def test_gae_rejects_bad_gamma():
     with pytest.raises(ValueError, match="gamma=1.5"):
         gae(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1), torch.zeros(1, 1), 1.5, 0.9)
-
-
-def test_group_advantage_is_the_return_against_the_groups_other_episodes():
-    # 4 envs in 2 groups of 2; env 1's episode ended after one decision.
-    rewards = torch.tensor([[1.0, 5.0, 2.0, 0.0], [3.0, 7.0, 2.0, 1.0]])
-    valid = torch.tensor([[True, True, True, True], [True, False, True, True]])
-    adv = group_advantages(rewards, valid, group_size=2)
-    # Returns: 4, 5 (the invalid 7 is not counted), 4, 1. Leave-one-out: 4 - 5, 5 - 4, 4 - 1, 1 - 4.
-    expected = torch.tensor([[-1.0, 1.0, 3.0, -3.0], [-1.0, 0.0, 3.0, -3.0]])
-    torch.testing.assert_close(adv, expected)
-
-
-@pytest.mark.parametrize("group_size", [1, 3])
-def test_group_size_must_divide_the_envs(group_size):
-    with pytest.raises(ValueError, match=f"group_size={group_size}"):
-        group_advantages(torch.zeros(2, 4), torch.ones(2, 4, dtype=torch.bool), group_size)
