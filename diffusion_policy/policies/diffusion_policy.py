@@ -208,26 +208,6 @@ class DiffusionPolicy(nn.Module):
         if offset is not None:
             actions = actions - offset
         actions = self.normalizer.normalize_key(ACTION, actions)
-        return self.denoising_error(actions, cond, noise, timesteps).mean()
-
-    def denoising_error(
-        self,
-        actions: torch.Tensor,
-        cond: torch.Tensor,
-        noise: torch.Tensor | None = None,
-        timesteps: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Each sample's mean-squared denoising error, on normalized actions.
-
-        Args:
-            actions: Normalized (and origin-relative) action chunks (B, T, Da).
-            cond: Their observation features (B, To, F), from :meth:`encode_obs`.
-            noise: The Gaussian noise added (B, T, Da); drawn if None.
-            timesteps: The diffusion step of each sample (B,); drawn uniformly if None.
-
-        Returns:
-            The error of the denoiser's prediction per sample (B,).
-        """
         if noise is None:
             noise = torch.randn_like(actions)
         if timesteps is None:
@@ -251,7 +231,7 @@ class DiffusionPolicy(nn.Module):
             target = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * actions
         else:
             raise ValueError(f"unsupported prediction_type={prediction_type!r}")
-        return F.mse_loss(pred, target, reduction="none").flatten(1).mean(1)
+        return F.mse_loss(pred, target)
 
     def alphas_cumprod(self, like: torch.Tensor) -> torch.Tensor:
         """The scheduler's cumulative alphas (num_train_timesteps,) on ``like``'s device."""

@@ -18,7 +18,6 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_policy.rl.awr import AWRConfig, awr_update
 from diffusion_policy.rl.chain import DenoisingChain
 from diffusion_policy.rl.critic import ValueMLP
 from diffusion_policy.rl.gae import gae
@@ -96,12 +95,7 @@ class FineTuner:
             self.policy.denoiser.parameters(), lr=cfg.optimizer.actor_lr
         )
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.optimizer.critic_lr)
-        if cfg.algo == "ppo":
-            self.update_cfg = PPOConfig(**OmegaConf.to_container(cfg.ppo, resolve=True))
-        elif cfg.algo == "awr":
-            self.update_cfg = AWRConfig(**OmegaConf.to_container(cfg.awr, resolve=True))
-        else:
-            raise ValueError(f"algo={cfg.algo!r} must be 'ppo' or 'awr'")
+        self.ppo = PPOConfig(**OmegaConf.to_container(cfg.ppo, resolve=True))
         self.clock = TimeBudget(cfg.max_minutes)
         self.iteration, self.env_steps, self.best_score = 0, 0, -math.inf
 
@@ -151,7 +145,7 @@ class FineTuner:
                     metrics["train/return"],
                     metrics["train/success_rate"],
                     metrics.get("ppo/approx_kl", 0.0),
-                    metrics.get(f"{cfg.algo}/value_loss", 0.0),
+                    metrics.get("ppo/value_loss", 0.0),
                 )
                 if self.runner is not None and self.iteration % cfg.eval_every == 0:
                     self._evaluate()
@@ -178,29 +172,16 @@ class FineTuner:
         rollout_s = time.perf_counter() - tic
         batch = self._ppo_batch(rollout)
         perm_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.iteration)
-        train_actor = self.iteration >= self.update_cfg.critic_warmup
-        if cfg.algo == "ppo":
-            stats = ppo_update(
-                self.chain,
-                self.critic,
-                self.actor_opt,
-                self.critic_opt,
-                batch,
-                self.update_cfg,
-                perm_gen,
-                train_actor=train_actor,
-            )
-        else:
-            stats = awr_update(
-                self.policy,
-                self.critic,
-                self.actor_opt,
-                self.critic_opt,
-                batch,
-                self.update_cfg,
-                perm_gen,
-                train_actor=train_actor,
-            )
+        stats = ppo_update(
+            self.chain,
+            self.critic,
+            self.actor_opt,
+            self.critic_opt,
+            batch,
+            self.ppo,
+            perm_gen,
+            train_actor=self.iteration >= self.ppo.critic_warmup,
+        )
         self.env_steps += rollout.env_steps
         eps = rollout.episodes
         return {
@@ -208,7 +189,7 @@ class FineTuner:
             "train/mean_score": _mean(eps["score"]),
             "train/success_rate": _mean(eps["success"]),
             "train/n_decisions": float(len(batch.advantages)),
-            **{f"{cfg.algo}/{k}": v for k, v in stats.items()},
+            **{f"ppo/{k}": v for k, v in stats.items()},
             "env_steps": float(self.env_steps),
             "time/rollout_s": rollout_s,
             "time/update_s": time.perf_counter() - tic - rollout_s,

@@ -160,22 +160,3 @@ def test_time_budget_ends_the_run(bc_checkpoint, tmp_path):
     # A 60 us budget ends the run at its first check: before or after the first iteration,
     # depending on the machine's load; never at n_iterations.
     assert load_checkpoint(run / "checkpoints" / "latest.ckpt")["finetune"]["iteration"] in (0, 1)
-
-
-def test_awr_finetune_moves_the_policy_and_logs_its_update(bc_checkpoint, tmp_path):
-    run = tmp_path / "run"
-    FineTuner(_cfg(bc_checkpoint, "algo=awr", "eval_every=0", "awr.minibatch_size=8"), run).run()
-    policy, _ = load_policy(run / "checkpoints" / "latest.ckpt")
-    initial, _ = load_policy(bc_checkpoint)
-    pairs = zip(policy.denoiser.parameters(), initial.denoiser.parameters(), strict=True)
-    assert any(not torch.equal(a, b) for a, b in pairs)
-    records = [json.loads(line) for line in (run / "logs.jsonl").read_text().splitlines()]
-    train = [r for r in records if "train/return" in r]
-    assert [r["step"] for r in train] == [1, 2]
-    for key in ("awr/awr_loss", "awr/value_loss", "awr/weight_ess"):
-        assert key in train[-1]
-
-
-def test_unknown_algo_is_named(bc_checkpoint, tmp_path):
-    with pytest.raises(ValueError, match="algo='sac'"):
-        FineTuner(_cfg(bc_checkpoint, "algo=sac"), tmp_path / "run")
