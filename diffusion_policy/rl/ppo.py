@@ -28,9 +28,7 @@ class PPOConfig:
 
     epochs: int = 5
     minibatch_size: int = 256  # (decision, step) pairs per gradient step
-    clip_ratio: float = 0.01  # at the last denoising step (at every step without a base)
-    clip_ratio_base: float | None = None  # at the first fine-tuned step; rises to clip_ratio
-    clip_ratio_rate: float = 3.0  # how late the rise comes (exponential in the step)
+    clip_ratio: float = 0.01
     vf_coef: float = 0.5
     max_grad_norm: float = 1.0
     target_kl: float | None = None  # stop the epochs once the approximate KL passes it
@@ -45,26 +43,6 @@ class PPOConfig:
             raise ValueError(f"ppo.minibatch_size={self.minibatch_size} must be >= 1")
         if not self.clip_ratio > 0:
             raise ValueError(f"ppo.clip_ratio={self.clip_ratio} must be > 0")
-        if self.clip_ratio_base is not None and not 0 < self.clip_ratio_base <= self.clip_ratio:
-            raise ValueError(
-                f"ppo.clip_ratio_base={self.clip_ratio_base} must be in (0, "
-                f"clip_ratio={self.clip_ratio}]"
-            )
-
-    def step_clip_ratios(self, K: int) -> torch.Tensor:
-        """The clip range of each fine-tuned step (K,), noisiest first.
-
-        Without ``clip_ratio_base`` every step has ``clip_ratio``. With it (DPPO's schedule),
-        ``base + (clip_ratio - base) (exp(rate u) - 1) / (exp(rate) - 1)`` for ``u`` from 0 at
-        the first fine-tuned step to 1 at the last: the noisy early steps, whose ratios swing
-        most for the least effect on the action, are held tighter than the final ones.
-        """
-        if self.clip_ratio_base is None or K < 2:
-            return torch.full((K,), self.clip_ratio)
-        u = torch.linspace(0.0, 1.0, K)
-        rate = self.clip_ratio_rate
-        rise = u if rate == 0 else torch.expm1(rate * u) / math.expm1(rate)
-        return self.clip_ratio_base + (self.clip_ratio - self.clip_ratio_base) * rise
 
 
 @dataclass
@@ -114,7 +92,6 @@ def ppo_update(
     if cfg.norm_adv and M > 1:
         adv = (adv - adv.mean()) / (adv.std() + 1e-8)
     t_of_step = chain.ft_timesteps().to(batch.samples.device)  # (K,)
-    clip_of_step = cfg.step_clip_ratios(K).to(batch.samples.device)  # (K,)
     sums: dict[str, float] = {}
     n_batches, n_skipped = 0, 0
     if K == 0:  # nothing fine-tuned: only the critic would learn; keep the policy as it is
@@ -126,18 +103,7 @@ def ppo_update(
         for idx in perm.split(cfg.minibatch_size):
             m, k = idx // K, idx % K  # decision and step of each pair
             stats = _minibatch_step(
-                chain,
-                critic,
-                actor_opt,
-                critic_opt,
-                cfg,
-                batch,
-                adv,
-                t_of_step,
-                clip_of_step,
-                m,
-                k,
-                train_actor,
+                chain, critic, actor_opt, critic_opt, cfg, batch, adv, t_of_step, m, k, train_actor
             )
             if stats is None:
                 n_skipped += 1
@@ -163,25 +129,21 @@ def _minibatch_step(
     batch: PPOBatch,
     adv: torch.Tensor,
     t_of_step: torch.Tensor,
-    clip_of_step: torch.Tensor,
     m: torch.Tensor,
     k: torch.Tensor,
     train_actor: bool = True,
 ) -> dict[str, float] | None:
-    """One gradient step on the pairs (m, k); None if it was skipped as non-finite.
-
-    ``t_of_step`` and ``clip_of_step`` are each fine-tuned step's timestep and clip range (K,).
-    """
+    """One gradient step on the pairs (m, k); None if it was skipped as non-finite."""
     if not train_actor:  # a warm-up step: the denoiser's forward and backward would be wasted
         return _critic_step(critic, critic_opt, cfg, batch, m)
     x = batch.samples[m, k]  # (b, T, Da)
     x_prev = batch.samples[m, k + 1]  # (b, T, Da)
-    cond, t, clip = batch.cond[m], t_of_step[k], clip_of_step[k]  # (b, To, F), (b,), (b,)
+    cond, t = batch.cond[m], t_of_step[k]  # (b, To, F), (b,)
     log_prob, mean, std = chain.step_log_prob(x, t, x_prev, cond)  # (b,)
     log_ratio = log_prob - batch.log_probs[m, k]
     ratio = log_ratio.exp()
     a = adv[m]
-    pg_loss = torch.max(-a * ratio, -a * torch.clamp(ratio, 1 - clip, 1 + clip))
+    pg_loss = torch.max(-a * ratio, -a * ratio.clamp(1 - cfg.clip_ratio, 1 + cfg.clip_ratio))
     pg_loss = pg_loss.mean()
     value_loss = _value_loss(critic, batch, m)
     loss = pg_loss + cfg.vf_coef * value_loss
@@ -201,7 +163,7 @@ def _minibatch_step(
             "pg_loss": float(pg_loss),
             "value_loss": float(value_loss),
             "approx_kl": float(((ratio - 1) - log_ratio).mean()),
-            "clip_frac": float(((ratio - 1).abs() > clip).float().mean()),
+            "clip_frac": float(((ratio - 1).abs() > cfg.clip_ratio).float().mean()),
             "kl_to_init": float(kl_to_init),
             "log_std": float(std.log().mean()),
             "grad_norm": norms[0],

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
-import pytest
 import torch
 
 from diffusion_policy.rl.chain import DenoisingChain
@@ -76,32 +73,3 @@ def test_critic_warmup_trains_only_the_critic(tiny_policy):
     assert any(
         not torch.equal(a, b) for a, b in zip(critic_before, critic.parameters(), strict=True)
     )
-
-
-def test_step_clip_ratios_rise_from_the_base_to_the_last_step():
-    flat = PPOConfig(clip_ratio=0.01).step_clip_ratios(5)
-    torch.testing.assert_close(flat, torch.full((5,), 0.01))
-    clips = PPOConfig(clip_ratio=0.01, clip_ratio_base=1e-3).step_clip_ratios(5)
-    assert clips[0].item() == pytest.approx(1e-3) and clips[-1].item() == pytest.approx(0.01)
-    assert torch.all(clips[1:] > clips[:-1])
-    # The exponential rise stays low longest: below the linear one at every inner step.
-    linear = PPOConfig(clip_ratio=0.01, clip_ratio_base=1e-3, clip_ratio_rate=0.0)
-    assert torch.all(clips[1:-1] < linear.step_clip_ratios(5)[1:-1])
-    with pytest.raises(ValueError, match="ppo.clip_ratio_base=0.02"):
-        PPOConfig(clip_ratio=0.01, clip_ratio_base=0.02)
-
-
-def test_a_tight_clip_at_the_early_steps_holds_them_back(tiny_policy):
-    # One epoch of many small minibatches: later minibatches see ratios the earlier ones moved,
-    # so the clip binds. With a tight clip at the first step, its log-densities move less.
-    changes = []
-    for base in (None, 1e-4):
-        torch.manual_seed(0)
-        policy = copy.deepcopy(tiny_policy)
-        chain, critic, actor_opt, critic_opt, batch = _setup(policy, lr=3e-4)
-        cfg = PPOConfig(epochs=4, minibatch_size=2, clip_ratio=0.05, clip_ratio_base=base)
-        ppo_update(chain, critic, actor_opt, critic_opt, batch, cfg, torch.Generator())
-        with torch.no_grad():
-            change = chain.chain_log_prob(batch.samples, batch.cond) - batch.log_probs  # (8, K)
-        changes.append(change.abs().mean(0))
-    assert changes[1][0] < changes[0][0], changes
