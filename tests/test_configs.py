@@ -63,6 +63,12 @@ def test_eval_config_composes_with_scheduler_override():
     assert "noise_scheduler" not in _compose(["checkpoint=x.ckpt"], name="eval")
 
 
+def test_eval_config_moves_the_test_seeds():
+    cfg = _compose(["checkpoint=x.ckpt", "runner.test_start_seed=100200"], name="eval")
+    assert cfg.runner.test_start_seed == 100200
+    assert _compose(["checkpoint=x.ckpt"], name="eval").runner.test_start_seed is None
+
+
 def test_trainer_schema_matches_the_trainer_config():
     """configs/trainer/default.yaml sets a value for every key of its schema, and no other key."""
     import dataclasses
