@@ -234,8 +234,14 @@ class DenoisingChain(nn.Module):
             ``log_prob`` (B,), ``mean`` (B, T, Da) and ``std`` (B, 1, 1).
         """
         mean, sigma = self.gaussian(denoiser or self.policy.denoiser, x, t, cond)
-        std = sigma.clamp_min(self.logprob_min_std)
+        std = self._scoring_std(sigma)
         return self._log_density(x_prev, mean, std), mean, std
+
+    def _scoring_std(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The std the log-densities use: the step's ``sigma`` bounded below by
+        ``logprob_min_std``. Sampling and PPO's update both score with it, so their ratios start
+        at 1."""
+        return sigma.clamp_min(self.logprob_min_std)
 
     @torch.no_grad()
     def sample(
@@ -270,8 +276,7 @@ class DenoisingChain(nn.Module):
             x_prev = mean + sigma.clamp_min(self.min_std) * noise
             if fine_tuned:
                 samples.append(x)
-                std = sigma.clamp_min(self.logprob_min_std)
-                log_probs.append(self._log_density(x_prev, mean, std))
+                log_probs.append(self._log_density(x_prev, mean, self._scoring_std(sigma)))
             x = x_prev
         samples.append(x)
         # The policy's own clip, un-normalization and origin: the actions its sampler would give.
