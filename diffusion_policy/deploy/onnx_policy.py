@@ -103,9 +103,15 @@ def export_onnx(
         The path.
 
     Raises:
-        OnnxExportError: The sampler draws noise or has no plan, or the check failed (then
-            nothing is written).
+        OnnxExportError: The sampler draws noise or has no plan, the policy draws its noise
+            from a learned ``noise_policy`` (the graph takes N(0, I) noise), or the check
+            failed (then nothing is written).
     """
+    if policy.noise_policy is not None:
+        raise OnnxExportError(
+            "the policy has a noise_policy (RL fine-tuning with actor=noise); the exported "
+            "graph starts from N(0, I) noise and would drop it"
+        )
     if policy.sampler_plan() is None:
         raise OnnxExportError(
             f"{type(policy.noise_scheduler).__name__} with {policy.num_inference_steps} steps "

@@ -14,6 +14,7 @@ from diffusion_policy.data.action_origin import parse_action_origin
 from diffusion_policy.data.keys import ACTION, LOW_DIM, OBS, raw_key
 from diffusion_policy.data.normalizer import LinearNormalizer
 from diffusion_policy.policies.cuda_graph import GraphedSampler
+from diffusion_policy.policies.noise_policy import NoisePolicy
 from diffusion_policy.policies.sampler_plan import SamplerPlan, plan_sampler, takes_generator
 from diffusion_policy.training.precision import resolve_precision
 from diffusion_policy.utils.checks import check_window
@@ -48,6 +49,9 @@ class DiffusionPolicy(nn.Module):
             values of the current frame (:mod:`~diffusion_policy.data.action_origin`). Its
             normalizer must be fit on relative actions
             (``dataset.get_normalizer_data(action_origin)``). None: absolute actions.
+        noise_policy: A learned initial-noise distribution (:class:`NoisePolicy`, written by
+            RL fine-tuning with ``actor=noise``): its settings ``{hidden_dims, init_std,
+            max_mean}``. None: the sampler starts from N(0, I).
     """
 
     def __init__(
@@ -61,6 +65,7 @@ class DiffusionPolicy(nn.Module):
         n_action_steps: int = 8,
         num_inference_steps: int | None = None,
         action_origin: Mapping[str, Sequence[int]] | None = None,
+        noise_policy: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         check_window(horizon, n_obs_steps, n_action_steps)
@@ -78,6 +83,11 @@ class DiffusionPolicy(nn.Module):
             n_obs_steps=n_obs_steps,
             horizon=horizon,
         )
+        self.noise_policy: NoisePolicy | None = None
+        if noise_policy is not None:
+            self.noise_policy = NoisePolicy.from_config(
+                noise_policy, n_obs_steps * encoder.output_dim, horizon, self.action_dim
+            )
         self.noise_scheduler = noise_scheduler
         self.num_train_timesteps = int(noise_scheduler.config.num_train_timesteps)
         self.num_inference_steps = _check_steps(num_inference_steps) or self.num_train_timesteps
@@ -415,18 +425,30 @@ class DiffusionPolicy(nn.Module):
             observed step; ``"action_pred"``: the whole predicted horizon (B, horizon, Da).
         """
         cond = self.encode_obs(obs)  # (B, To, F)
-        B = cond.shape[0]
-        x = torch.randn(
-            (B, self.horizon, self.action_dim),
+        x = self.initial_noise(cond, generator)  # (B, T, Da)
+        x = self.denoise(x, cond, generator)
+        return self.actions_from_sample(x, self.action_offset(obs))
+
+    def initial_noise(
+        self, cond: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """The noise sampling starts from (B, T, Da): N(0, I), or the :class:`NoisePolicy`'s."""
+        if self.noise_policy is not None:
+            return self.noise_policy.sample(cond, generator).to(cond.dtype)
+        return torch.randn(
+            (cond.shape[0], self.horizon, self.action_dim),
             generator=generator,
             device=cond.device if generator is None else generator.device,
-        ).to(device=cond.device, dtype=cond.dtype)  # (B, T, Da)
+        ).to(device=cond.device, dtype=cond.dtype)
 
+    def denoise(
+        self, x: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Runs the sampler from the noise ``x`` (B, T, Da) given ``cond`` (B, To, F); returns
+        the normalized sample (B, T, Da)."""
         if self._planned():
-            x = (self._compiled_sample or self.sample_with_plan)(x, cond)  # (B, T, Da)
-        else:
-            x = self._sample_with_scheduler(x, cond, generator)
-        return self.actions_from_sample(x, self.action_offset(obs))
+            return (self._compiled_sample or self.sample_with_plan)(x, cond)
+        return self._sample_with_scheduler(x, cond, generator)
 
     def actions_from_sample(
         self, x: torch.Tensor, offset: torch.Tensor | None = None

@@ -65,6 +65,25 @@ class ChainSample:
     log_probs: torch.Tensor
 
 
+def ddim_config(policy: DiffusionPolicy) -> dict[str, Any]:
+    """A diffusers DDIM config whose deterministic steps are a chain's with ``eta = 0``.
+
+    Same timesteps (``trailing`` spacing over the chain's ``num_steps``), same clamp of the
+    clean sample, and a last step to the clean sample (``set_alpha_to_one``). The noise
+    schedule's own keys (``num_train_timesteps``, betas, ``prediction_type``) are the policy's,
+    to be added from its config (:func:`~diffusion_policy.training.sampling.sampling_scheduler`).
+    """
+    clip = policy.clip_range()
+    return {
+        "_target_": "diffusers.DDIMScheduler",
+        "clip_sample": clip is not None,
+        "clip_sample_range": 1.0 if clip is None else clip,
+        "set_alpha_to_one": True,
+        "steps_offset": 0,
+        "timestep_spacing": "trailing",
+    }
+
+
 class DenoisingChain(nn.Module):
     """Samples a policy's denoising chain stochastically and scores its fine-tuned steps.
 
@@ -150,22 +169,9 @@ class DenoisingChain(nn.Module):
         return self.timesteps[self.num_steps - self.ft_steps :]
 
     def ddim_config(self) -> dict[str, Any]:
-        """A diffusers DDIM config whose deterministic steps are this chain's with ``eta = 0``.
-
-        Same timesteps (``trailing`` spacing over ``num_steps``), same clamp of the clean
-        sample, and a last step to the clean sample (``set_alpha_to_one``): the sampler to
-        deploy a policy fine-tuned through this chain with. The noise schedule's own keys
-        (``num_train_timesteps``, betas, ``prediction_type``) are the policy's, to be added from
-        its config (:func:`~diffusion_policy.training.sampling.sampling_scheduler`).
-        """
-        return {
-            "_target_": "diffusers.DDIMScheduler",
-            "clip_sample": self.clip is not None,
-            "clip_sample_range": 1.0 if self.clip is None else self.clip,
-            "set_alpha_to_one": True,
-            "steps_offset": 0,
-            "timestep_spacing": "trailing",
-        }
+        """The deterministic DDIM to deploy a policy fine-tuned through this chain with:
+        :func:`ddim_config` of its policy, on the chain's ``num_steps``."""
+        return ddim_config(self.policy)
 
     def _alphas(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cumulative alphas at ``t`` (B,) and at the chain's next timestep (1 after the last)."""
@@ -236,6 +242,23 @@ class DenoisingChain(nn.Module):
         mean, sigma = self.gaussian(denoiser or self.policy.denoiser, x, t, cond)
         std = self._scoring_std(sigma)
         return self._log_density(x_prev, mean, std), mean, std
+
+    def kl_to_base(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+    ) -> torch.Tensor:
+        """Mean over the batch of KL(N(mean, std^2) || the initial denoiser's step), summed over
+        the chunk; ``mean`` and ``std`` are :meth:`step_log_prob`'s at (x, t, cond).
+
+        Both steps have the same std: KL = |mean - mean_0|^2 / (2 std^2).
+        """
+        with torch.no_grad():
+            base_mean, _ = self.gaussian(self.base_denoiser, x, t, cond)
+        return ((mean - base_mean) ** 2 / (2 * std**2)).flatten(1).sum(1).mean()
 
     def _scoring_std(self, sigma: torch.Tensor) -> torch.Tensor:
         """The std the log-densities use: the step's ``sigma`` bounded below by

@@ -18,11 +18,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_policy.rl.chain import DenoisingChain
+from diffusion_policy.policies.noise_policy import NoisePolicy
+from diffusion_policy.rl.chain import DenoisingChain, ddim_config
 from diffusion_policy.rl.critic import ValueMLP
 from diffusion_policy.rl.gae import gae
 from diffusion_policy.rl.ppo import PPOBatch, PPOConfig, ppo_update
 from diffusion_policy.rl.rollouts import Rollout, collect, make_chunk_envs
+from diffusion_policy.rl.steering import NoiseSteering
 from diffusion_policy.training.builders import load_policy, resolve_device
 from diffusion_policy.training.checkpoint import load_checkpoint, save_checkpoint
 from diffusion_policy.training.logger import RunLogger
@@ -74,26 +76,33 @@ class FineTuner:
             trusted_targets=list(cfg.trusted_targets),
         )
         self.policy.requires_grad_(False)
-        self.policy.denoiser.requires_grad_(True)  # only the denoiser is fine-tuned
+        feature_dim = self.policy.n_obs_steps * self.policy.encoder.output_dim
         ccfg = cfg.chain
-        self.chain = DenoisingChain(
-            self.policy,
-            num_steps=ccfg.num_steps,
-            ft_steps=ccfg.ft_denoising_steps,
-            eta=ccfg.eta,
-            min_std=ccfg.min_std,
-            logprob_min_std=ccfg.logprob_min_std,
-            log_prob=ccfg.log_prob,
-        ).to(self.device)
+        if cfg.actor == "chain":  # DPPO: the denoiser's last steps
+            self.actor = DenoisingChain(
+                self.policy,
+                num_steps=ccfg.num_steps,
+                ft_steps=ccfg.ft_denoising_steps,
+                eta=ccfg.eta,
+                min_std=ccfg.min_std,
+                logprob_min_std=ccfg.logprob_min_std,
+                log_prob=ccfg.log_prob,
+            ).to(self.device)
+            trained = self.policy.denoiser
+        elif cfg.actor == "noise":  # DSRL: the initial noise; a resumed run has its own
+            if self.policy.noise_policy is None:
+                self._attach_noise_policy(feature_dim)
+            self.actor = NoiseSteering(self.policy)
+            trained = self.policy.noise_policy
+        else:
+            raise ValueError(f"actor={cfg.actor!r} must be 'chain' or 'noise'")
+        trained.requires_grad_(True)
         if cfg.sampler == "chain":
-            self._deploy_chain_sampler()
+            self._deploy_chain_sampler(ccfg.num_steps or self.policy.num_train_timesteps)
         elif cfg.sampler != "policy":
             raise ValueError(f"sampler={cfg.sampler!r} must be 'chain' or 'policy'")
-        feature_dim = self.policy.n_obs_steps * self.policy.encoder.output_dim
         self.critic = ValueMLP(feature_dim, list(cfg.critic.hidden_dims)).to(self.device)
-        self.actor_opt = torch.optim.Adam(
-            self.policy.denoiser.parameters(), lr=cfg.optimizer.actor_lr
-        )
+        self.actor_opt = torch.optim.Adam(trained.parameters(), lr=cfg.optimizer.actor_lr)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.optimizer.critic_lr)
         self.ppo = PPOConfig(**OmegaConf.to_container(cfg.ppo, resolve=True))
         self.clock = TimeBudget(cfg.max_minutes)
@@ -168,12 +177,12 @@ class FineTuner:
         first = rcfg.train_start_seed + self.iteration * rcfg.n_envs
         seeds = list(range(first, first + rcfg.n_envs))
         self.policy.eval()
-        rollout = collect(self.envs, self.chain, self.critic, seeds, self.n_decisions, gen)
+        rollout = collect(self.envs, self.actor, self.critic, seeds, self.n_decisions, gen)
         rollout_s = time.perf_counter() - tic
         batch = self._ppo_batch(rollout)
         perm_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.iteration)
         stats = ppo_update(
-            self.chain,
+            self.actor,
             self.critic,
             self.actor_opt,
             self.critic_opt,
@@ -235,7 +244,7 @@ class FineTuner:
             self._save(self.ckpt_dir / BEST)
 
     # -- setup helpers -------------------------------------------------------------------------
-    def _deploy_chain_sampler(self) -> None:
+    def _deploy_chain_sampler(self, num_steps: int) -> None:
         """Evaluates and saves the policy with deterministic DDIM on the chain's timesteps.
 
         Fine-tuning trains the denoiser at the chain's timesteps only; the sampler that uses
@@ -243,23 +252,35 @@ class FineTuner:
         is updated too, so the checkpoints written here load with that sampler.
         """
         trained = self.policy_cfg.noise_scheduler
-        requested = self.chain.ddim_config()
-        self.policy.set_sampler(sampling_scheduler(trained, requested), self.chain.num_steps)
+        requested = ddim_config(self.policy)
+        self.policy.set_sampler(sampling_scheduler(trained, requested), num_steps)
         stored = OmegaConf.to_container(trained, resolve=True)
         kept = {k: stored[k] for k in TRAINED_KEYS if k in stored}
         self.policy_cfg.noise_scheduler = {**requested, **kept}
-        self.policy_cfg.policy.num_inference_steps = self.chain.num_steps
-        log.info("sampler: deterministic DDIM on the chain's %d timesteps", self.chain.num_steps)
-        if self.chain.ft_steps < self.chain.num_steps:
+        self.policy_cfg.policy.num_inference_steps = num_steps
+        log.info("sampler: deterministic DDIM on the chain's %d timesteps", num_steps)
+        chain = self.actor
+        if isinstance(chain, DenoisingChain) and chain.ft_steps < chain.num_steps:
             # The chain runs its first steps with the frozen initial denoiser; the deployed
             # sampler runs the fine-tuned one there, at steps PPO never scored.
             log.warning(
                 "chain.ft_denoising_steps=%d < chain.num_steps=%d: the deployed sampler runs "
                 "the fine-tuned denoiser at %d steps that fine-tuning does not train",
-                self.chain.ft_steps,
-                self.chain.num_steps,
-                self.chain.num_steps - self.chain.ft_steps,
+                chain.ft_steps,
+                chain.num_steps,
+                chain.num_steps - chain.ft_steps,
             )
+
+    def _attach_noise_policy(self, feature_dim: int) -> None:
+        """Gives the policy a :class:`NoisePolicy` (N(0, I) until trained), in its config too,
+        so that the checkpoints written here load with it."""
+        policy = self.policy
+        settings = OmegaConf.to_container(self.cfg.noise_policy, resolve=True)
+        noise_policy = NoisePolicy.from_config(
+            settings, feature_dim, policy.horizon, policy.action_dim
+        )
+        policy.noise_policy = noise_policy.to(self.device)
+        self.policy_cfg.policy.noise_policy = noise_policy.config()
 
     def _make_runner(self) -> Any:
         """The policy's EnvRunner from its stored config, with ``eval`` settings merged over."""
@@ -295,7 +316,7 @@ class FineTuner:
             "config": OmegaConf.to_container(self.policy_cfg, resolve=True),
             "shape_meta": self.policy.shape_meta,
             "finetune": {
-                "base_denoiser": self.chain.base_denoiser.state_dict(),
+                "base_denoiser": self._base_denoiser_state(),
                 "critic": self.critic.state_dict(),
                 "actor_opt": self.actor_opt.state_dict(),
                 "critic_opt": self.critic_opt.state_dict(),
@@ -309,10 +330,17 @@ class FineTuner:
         save_checkpoint(path, state)
         self.logger.sync()
 
+    def _base_denoiser_state(self) -> dict[str, torch.Tensor] | None:
+        """The chain's frozen initial denoiser (None for the noise actor, which has none)."""
+        if isinstance(self.actor, DenoisingChain):
+            return self.actor.base_denoiser.state_dict()
+        return None
+
     def _load(self, path: Path) -> None:
         """Restores the run's state from a fine-tuning checkpoint (the policy is loaded)."""
         state = load_checkpoint(path, map_location=self.device)["finetune"]
-        self.chain.base_denoiser.load_state_dict(state["base_denoiser"])
+        if isinstance(self.actor, DenoisingChain):
+            self.actor.base_denoiser.load_state_dict(state["base_denoiser"])
         self.critic.load_state_dict(state["critic"])
         self.actor_opt.load_state_dict(state["actor_opt"])
         self.critic_opt.load_state_dict(state["critic_opt"])

@@ -18,6 +18,7 @@ from torch import nn
 
 from diffusion_policy.rl.chain import DenoisingChain
 from diffusion_policy.rl.critic import ValueMLP
+from diffusion_policy.rl.steering import NoiseSteering
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class PPOBatch:
 
 
 def ppo_update(
-    chain: DenoisingChain,
+    chain: DenoisingChain | NoiseSteering,
     critic: ValueMLP,
     actor_opt: torch.optim.Optimizer,
     critic_opt: torch.optim.Optimizer,
@@ -121,7 +122,7 @@ def ppo_update(
 
 
 def _minibatch_step(
-    chain: DenoisingChain,
+    chain: DenoisingChain | NoiseSteering,
     critic: ValueMLP,
     actor_opt: torch.optim.Optimizer,
     critic_opt: torch.optim.Optimizer,
@@ -149,10 +150,7 @@ def _minibatch_step(
     loss = pg_loss + cfg.vf_coef * value_loss
     kl_to_init = torch.zeros(())
     if cfg.kl_coef > 0:
-        with torch.no_grad():
-            base_mean, _ = chain.gaussian(chain.base_denoiser, x, t, cond)
-        # Both steps have the same std: KL(N(mu, s^2) || N(mu0, s^2)) = |mu - mu0|^2 / (2 s^2).
-        kl_to_init = ((mean - base_mean) ** 2 / (2 * std**2)).flatten(1).sum(1).mean()
+        kl_to_init = chain.kl_to_base(x, t, cond, mean, std)
         loss = loss + cfg.kl_coef * kl_to_init
 
     norms = _guarded_step(loss, (actor_opt, critic_opt), cfg.max_grad_norm)

@@ -20,6 +20,7 @@ from gymnasium import spaces
 
 from diffusion_policy.rl.chain import DenoisingChain
 from diffusion_policy.rl.critic import ValueMLP
+from diffusion_policy.rl.steering import NoiseSteering
 
 
 class ChunkEnv(gym.Wrapper):
@@ -184,7 +185,7 @@ def _elapsed(info: dict[str, Any], device: torch.device) -> torch.Tensor:
 @torch.no_grad()
 def collect(
     envs: gym.vector.VectorEnv,
-    chain: DenoisingChain,
+    chain: DenoisingChain | NoiseSteering,
     critic: ValueMLP,
     seeds: list[int],
     n_decisions: int,
@@ -204,7 +205,7 @@ def collect(
         The :class:`Rollout`.
     """
     policy = chain.policy
-    device = chain.timesteps.device
+    device = next(policy.parameters()).device
     start = policy.n_obs_steps - 1  # the chunk starts at the last observed step
     obs, info = envs.reset(seed=list(seeds))
     E = envs.num_envs

@@ -55,7 +55,13 @@ def _build_policy(
         n_action_steps=cfg.n_action_steps,
         num_inference_steps=cfg.policy.num_inference_steps,
         action_origin=action_origin(cfg),
+        noise_policy=_plain(cfg.policy.get("noise_policy")),
     )
+
+
+def _plain(node: Any) -> Any:
+    """A config node as plain Python (dicts and lists); None stays None."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def load_policy(

@@ -22,6 +22,7 @@ from diffusion_policy.deploy.onnx_policy import (
     export_onnx,
 )
 from diffusion_policy.deploy.warmup import set_inference_threads
+from diffusion_policy.policies.noise_policy import NoisePolicy
 from diffusion_policy.training.builders import build_policy
 from tests.deploy.fakes import PUSHT_SHAPE_META, TINY_CFG, serving, tiny_policy
 
@@ -118,6 +119,15 @@ def test_a_sampler_that_draws_noise_is_refused(tmp_path):
     with pytest.raises(OnnxExportError, match="DDPMScheduler .* not a deterministic sampler"):
         export_onnx(tiny_policy(), tmp_path / "ddpm.onnx")
     assert not (tmp_path / "ddpm.onnx").exists()
+
+
+def test_a_learned_noise_policy_is_refused(tmp_path):
+    policy = tiny_policy()
+    policy.set_sampler(DDIMScheduler.from_config(policy.noise_scheduler.config), 4)
+    policy.noise_policy = NoisePolicy(2 * policy.encoder.output_dim, policy.horizon, 2)
+    with pytest.raises(OnnxExportError, match="has a noise_policy .* would drop it"):
+        export_onnx(policy, tmp_path / "steered.onnx")
+    assert not (tmp_path / "steered.onnx").exists()
 
 
 def test_an_image_policy_exports_with_uint8_images(tmp_path):

@@ -160,3 +160,26 @@ def test_time_budget_ends_the_run(bc_checkpoint, tmp_path):
     # A 60 us budget ends the run at its first check: before or after the first iteration,
     # depending on the machine's load; never at n_iterations.
     assert load_checkpoint(run / "checkpoints" / "latest.ckpt")["finetune"]["iteration"] in (0, 1)
+
+
+def test_noise_actor_trains_the_noise_policy_only_and_resumes(bc_checkpoint, tmp_path):
+    run = tmp_path / "run"
+    FineTuner(_cfg(bc_checkpoint, "actor=noise", "eval_every=0"), run).run()
+    latest = run / "checkpoints" / "latest.ckpt"
+    # The checkpoint loads as a policy with its noise policy (rebuilt from the stored settings).
+    policy, cfg = load_policy(latest)
+    initial, _ = load_policy(bc_checkpoint)
+    assert cfg.policy.noise_policy.hidden_dims == [256, 256]
+    assert policy.noise_policy is not None and initial.noise_policy is None
+    assert policy.noise_policy.mean_net[-1].weight.abs().sum() > 0  # trained from zero
+    for a, b in zip(policy.denoiser.parameters(), initial.denoiser.parameters(), strict=True):
+        assert torch.equal(a, b)  # the denoiser is frozen
+    FineTuner(
+        _cfg(bc_checkpoint, "actor=noise", "eval_every=0", "resume=true", "n_iterations=3"), run
+    ).run()
+    assert load_checkpoint(latest)["finetune"]["iteration"] == 3
+
+
+def test_unknown_actor_is_named(bc_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="actor='dsrl' must be 'chain' or 'noise'"):
+        FineTuner(_cfg(bc_checkpoint, "actor=dsrl"), tmp_path / "run")
