@@ -102,7 +102,9 @@ class FineTuner:
         elif cfg.sampler != "policy":
             raise ValueError(f"sampler={cfg.sampler!r} must be 'chain' or 'policy'")
         self.critic = ValueMLP(feature_dim, list(cfg.critic.hidden_dims)).to(self.device)
-        self.actor_opt = torch.optim.Adam(trained.parameters(), lr=cfg.optimizer.actor_lr)
+        self.actor_opt = torch.optim.Adam(
+            self._actor_param_groups(trained), lr=cfg.optimizer.actor_lr
+        )
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.optimizer.critic_lr)
         self.ppo = PPOConfig(**OmegaConf.to_container(cfg.ppo, resolve=True))
         self.clock = TimeBudget(cfg.max_minutes)
@@ -270,6 +272,16 @@ class FineTuner:
                 chain.num_steps,
                 chain.num_steps - chain.ft_steps,
             )
+
+    def _actor_param_groups(self, trained: torch.nn.Module) -> list[dict[str, Any]]:
+        """The trained module's parameters; a noise policy's ``log_std`` at
+        ``optimizer.std_lr`` when set (Adam moves a parameter by about its lr per step, so the
+        std would otherwise change by ~0.1% per step)."""
+        std_lr = self.cfg.optimizer.get("std_lr")
+        if not isinstance(trained, NoisePolicy) or std_lr is None:
+            return [{"params": list(trained.parameters())}]
+        rest = [p for name, p in trained.named_parameters() if name != "log_std"]
+        return [{"params": rest}, {"params": [trained.log_std], "lr": float(std_lr)}]
 
     def _attach_noise_policy(self, feature_dim: int) -> None:
         """Gives the policy a :class:`NoisePolicy` (N(0, I) until trained), in its config too,

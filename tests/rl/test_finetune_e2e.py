@@ -183,3 +183,12 @@ def test_noise_actor_trains_the_noise_policy_only_and_resumes(bc_checkpoint, tmp
 def test_unknown_actor_is_named(bc_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="actor='dsrl' must be 'chain' or 'noise'"):
         FineTuner(_cfg(bc_checkpoint, "actor=dsrl"), tmp_path / "run")
+
+
+def test_std_lr_sets_the_noise_policys_std_learning_rate(bc_checkpoint, tmp_path):
+    run = tmp_path / "run"
+    cfg = _cfg(bc_checkpoint, "actor=noise", "eval_every=0", "optimizer.std_lr=0")
+    FineTuner(cfg, run).run()
+    model = load_checkpoint(run / "checkpoints" / "latest.ckpt")["model"]
+    assert torch.equal(model["noise_policy.log_std"], torch.zeros(8, 2))  # std 1, unmoved
+    assert model["noise_policy.mean_net.4.weight"].abs().sum() > 0  # the mean learned (from 0)
