@@ -168,11 +168,6 @@ class DenoisingChain(nn.Module):
         """The fine-tuned steps' timesteps (K,), in chain order."""
         return self.timesteps[self.num_steps - self.ft_steps :]
 
-    def ddim_config(self) -> dict[str, Any]:
-        """The deterministic DDIM to deploy a policy fine-tuned through this chain with:
-        :func:`ddim_config` of its policy, on the chain's ``num_steps``."""
-        return ddim_config(self.policy)
-
     def _alphas(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cumulative alphas at ``t`` (B,) and at the chain's next timestep (1 after the last)."""
         a = self.policy.alphas_cumprod(like)  # (num_train_timesteps,)

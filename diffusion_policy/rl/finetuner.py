@@ -328,7 +328,11 @@ class FineTuner:
             "config": OmegaConf.to_container(self.policy_cfg, resolve=True),
             "shape_meta": self.policy.shape_meta,
             "finetune": {
-                "base_denoiser": self._base_denoiser_state(),
+                "base_denoiser": (
+                    self.actor.base_denoiser.state_dict()
+                    if isinstance(self.actor, DenoisingChain)
+                    else None  # the noise actor has none
+                ),
                 "critic": self.critic.state_dict(),
                 "actor_opt": self.actor_opt.state_dict(),
                 "critic_opt": self.critic_opt.state_dict(),
@@ -341,12 +345,6 @@ class FineTuner:
         }
         save_checkpoint(path, state)
         self.logger.sync()
-
-    def _base_denoiser_state(self) -> dict[str, torch.Tensor] | None:
-        """The chain's frozen initial denoiser (None for the noise actor, which has none)."""
-        if isinstance(self.actor, DenoisingChain):
-            return self.actor.base_denoiser.state_dict()
-        return None
 
     def _load(self, path: Path) -> None:
         """Restores the run's state from a fine-tuning checkpoint (the policy is loaded)."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from diffusion_policy.rl.chain import DenoisingChain
+from diffusion_policy.rl.chain import DenoisingChain, ddim_config
 
 
 def _cond(policy, B: int = 3) -> torch.Tensor:
@@ -134,7 +134,7 @@ def test_ddim_config_samples_the_chain_without_its_noise(tiny_policy):
 
     chain = DenoisingChain(tiny_policy, num_steps=5, ft_steps=5, eta=1e-6, min_std=0.05)
     trained = dict(tiny_policy.noise_scheduler.config)
-    tiny_policy.set_sampler(sampling_scheduler(trained, chain.ddim_config()), chain.num_steps)
+    tiny_policy.set_sampler(sampling_scheduler(trained, ddim_config(tiny_policy)), chain.num_steps)
     obs = {"keypoint": torch.rand(2, 2, 18) * 512, "agent_pos": torch.rand(2, 2, 2) * 512}
     got = tiny_policy.predict_action(obs, generator=torch.Generator().manual_seed(4))
     assert list(tiny_policy.sampler_plan().timesteps) == chain.timesteps.tolist()
