@@ -21,6 +21,12 @@ _LOG_2PI = math.log(2.0 * math.pi)
 NOISE_POLICY_KEYS = ("hidden_dims", "init_std", "max_mean")
 
 
+def gaussian_log_density(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``log N(x; mean, std^2)`` per element (broadcast shape), not reduced."""
+    z = (x - mean) / std
+    return -0.5 * z**2 - std.log() - 0.5 * _LOG_2PI
+
+
 class NoisePolicy(nn.Module):
     """``N(mu(obs), diag(sigma^2))`` over the sampler's initial noise (T, Da).
 
@@ -107,6 +113,4 @@ class NoisePolicy(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``log N(w; mu(cond), sigma^2)`` summed over (T, Da): (B,), with the mean and std."""
         mean, std = self(cond)
-        z = (w - mean) / std
-        per_element = -0.5 * z**2 - std.log() - 0.5 * _LOG_2PI  # (B, T, Da)
-        return per_element.flatten(1).sum(1), mean, std
+        return gaussian_log_density(w, mean, std).flatten(1).sum(1), mean, std

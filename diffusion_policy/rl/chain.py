@@ -35,7 +35,6 @@ The chain works on the policy's public parts (``denoiser``, ``noise_scheduler``,
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,8 +42,8 @@ import torch
 from torch import nn
 
 from diffusion_policy.policies.diffusion_policy import DiffusionPolicy
+from diffusion_policy.policies.noise_policy import gaussian_log_density
 
-_LOG_2PI = math.log(2.0 * math.pi)
 LOG_PROB_MODES = ("sum", "executed_mean")
 
 
@@ -327,8 +326,7 @@ class DenoisingChain(nn.Module):
 
     def _log_density(self, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
         """log N(x; mean, std^2) of chunks (B, T, Da), reduced as ``log_prob`` says: (B,)."""
-        z = (x - mean) / std
-        per_element = -0.5 * z**2 - std.log() - 0.5 * _LOG_2PI  # (B, T, Da)
+        per_element = gaussian_log_density(x, mean, std)  # (B, T, Da)
         if self.log_prob == "sum":
             return per_element.flatten(1).sum(1)
         return per_element[:, self.executed].flatten(1).mean(1)
