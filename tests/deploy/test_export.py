@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from diffusion_policy.deploy.export import ExportError, export_policy, load_exported
 from diffusion_policy.deploy.onnx_policy import OnnxPolicy
+from diffusion_policy.policies.noise_policy import NoisePolicy
 from diffusion_policy.training.builders import load_policy
-from tests.deploy.fakes import tiny_policy, write_checkpoint
+from tests.deploy.fakes import TINY_CFG, tiny_policy, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,6 +46,21 @@ def test_export_then_load_gives_identical_actions(exported):
     assert torch.equal(_actions(loaded), _actions(policy))
     for key, value in policy.state_dict().items():  # normalizer buffers included
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_a_learned_noise_policy_is_exported_with_the_policy(tmp_path):
+    policy = tiny_policy()
+    policy.noise_policy = NoisePolicy(2 * policy.encoder.output_dim, policy.horizon, 2, [8])
+    torch.nn.init.normal_(policy.noise_policy.mean_net[-1].weight)  # as if trained
+    cfg = OmegaConf.create(TINY_CFG)
+    loaded = load_exported(export_policy(policy, cfg, tmp_path / "export"))
+    assert loaded.noise_policy.config() == policy.noise_policy.config()
+    assert torch.equal(_actions(loaded), _actions(policy))
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    config["policy"]["noise_policy"]["depth"] = 3
+    (tmp_path / "export" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match=r"noise_policy: unknown keys \['depth'\]"):
+        load_exported(tmp_path / "export")
 
 
 @pytest.mark.slow  # a subprocess: ~25 s of imports and an ONNX export on a busy machine
