@@ -41,15 +41,12 @@ class SACConfig:
     init_alpha: float = 0.01
     target_std: float = 0.6  # the entropy target is that of N(., target_std^2) per element
     max_grad_norm: float = 10.0
-    kl_coef: float = 0.0  # weight of KL(N(mu, sigma^2) || N(0, sigma^2)) in the actor's loss
     critic_warmup: int = 2  # first iterations that train only Q (the fine-tuner's)
 
     def __post_init__(self) -> None:
         for name in ("updates_per_decision", "tau", "init_alpha", "target_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"sac.{name}={getattr(self, name)} must be > 0")
-        if self.kl_coef < 0:
-            raise ValueError(f"sac.kl_coef={self.kl_coef} must be >= 0")
         for name in ("batch_size", "buffer_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"sac.{name}={getattr(self, name)} must be >= 1")
@@ -239,22 +236,21 @@ class SoftActorCritic:
 
     def _draw(
         self, cond: torch.Tensor, generator: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A reparameterized draw w (B, T, Da), its log-density (B,), the std (T, Da) and the
-        mean (B, T, Da)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A reparameterized draw w (B, T, Da), its log-density (B,) and the std (T, Da)."""
         mean, std = self.noise_policy(cond)
         eps = torch.randn(mean.shape, generator=generator).to(mean.device)
         w = mean + std * eps
         # log N(w; mean, std^2) with w - mean = std * eps, summed over (T, Da)
         log_prob = (-0.5 * eps**2 - std.log() - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
-        return w, log_prob, std, mean
+        return w, log_prob, std
 
     def _step(
         self, b: dict[str, torch.Tensor], generator: torch.Generator, train_actor: bool
     ) -> dict[str, float] | None:
         alpha = self.log_alpha.exp().detach()
         with torch.no_grad():
-            w_next, logp_next, _, _ = self._draw(b["next_cond"], generator)
+            w_next, logp_next, _ = self._draw(b["next_cond"], generator)
             q_next = self.q_target(b["next_cond"], b["next_elapsed"], w_next).min(0).values
             target = b["reward"] + self.gamma * (1 - b["done"]) * (q_next - alpha * logp_next)
         q = self.q(b["cond"], b["elapsed"], b["w"])  # (2, B)
@@ -263,11 +259,9 @@ class SoftActorCritic:
             return None
         stats = {"q_loss": float(q_loss.detach()), "q_mean": float(q.detach().mean())}
         if train_actor:
-            w, logp, std, mean = self._draw(b["cond"], generator)
+            w, logp, std = self._draw(b["cond"], generator)
             q_pi = self.q(b["cond"], b["elapsed"], w).min(0).values
-            # How far the mean moved from the noise the denoiser was trained on, in stds.
-            kl = 0.5 * (mean / std).pow(2).flatten(1).sum(1)
-            actor_loss = (alpha * logp - q_pi + self.cfg.kl_coef * kl).mean()
+            actor_loss = (alpha * logp - q_pi).mean()
             if not self._optimize(actor_loss, self.actor_opt, self.noise_policy.parameters()):
                 return None
             alpha_loss = -(self.log_alpha * (logp.detach().mean() + self.target_entropy))
@@ -277,7 +271,6 @@ class SoftActorCritic:
                 alpha=float(alpha),
                 entropy=float(-logp.detach().mean()),
                 log_std=float(std.detach().log().mean()),
-                kl_to_base=float(kl.detach().mean()),
             )
         with torch.no_grad():
             for p, p_target in zip(self.q.parameters(), self.q_target.parameters(), strict=True):

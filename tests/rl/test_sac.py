@@ -57,13 +57,12 @@ def test_buffer_overwrites_the_oldest_decisions_and_round_trips():
         ReplayBuffer(4, (2, 3), (4, 2)).load_state_dict(buffer.state_dict())
 
 
-def _one_step_sac(**settings) -> tuple[SoftActorCritic, Rollout, dict[str, float]]:
-    """SAC on one-decision episodes that pay the sum of the noise: 200 Q-only steps, 100 more
-    with the actor."""
+def test_sac_steers_the_noise_toward_what_paid():
+    """One-decision episodes that pay the sum of the noise: Q learns it, the mean follows."""
     torch.manual_seed(0)
     policy = NoisePolicy(6, 4, 2, [32])
     opt = torch.optim.Adam(policy.parameters(), lr=3e-3)
-    cfg = SACConfig(batch_size=64, init_alpha=1e-3, q_lr=3e-3, **settings)
+    cfg = SACConfig(batch_size=64, init_alpha=1e-3, q_lr=3e-3)
     sac = SoftActorCritic(policy, opt, 6, cfg, gamma=0.99, hidden_dims=[64])
     N, E = 1, 256
     w = torch.randn(N, E, 4, 2)
@@ -81,22 +80,14 @@ def _one_step_sac(**settings) -> tuple[SoftActorCritic, Rollout, dict[str, float
     assert sac.add(rollout, reward_scale=1.0) == E
     gen = torch.Generator().manual_seed(0)
     sac.update(200, gen, train_actor=False)
-    return sac, rollout, sac.update(100, gen)
-
-
-def test_sac_steers_the_noise_toward_what_paid():
-    sac, rollout, stats = _one_step_sac()
     with torch.no_grad():  # Q fits the one-step returns
-        q = sac.q(rollout.cond[0], rollout.elapsed[0], rollout.samples[0, :, 1])
-        mean, _ = sac.noise_policy(rollout.cond[0])
+        q = sac.q(rollout.cond[0], rollout.elapsed[0], w[0])
     assert torch.corrcoef(torch.stack([q[0], rollout.rewards[0]]))[0, 1] > 0.9
+    stats = sac.update(100, gen)
+    with torch.no_grad():
+        mean, _ = policy(rollout.cond[0])
     assert mean.mean() > 0.2, mean.mean()  # moved from 0 toward larger noise
     assert stats["n_skipped"] == 0 and {"actor_loss", "alpha", "entropy"} <= stats.keys()
-
-
-def test_kl_coef_holds_the_mean_near_the_trained_noise():
-    free, anchored = _one_step_sac()[2], _one_step_sac(kl_coef=10.0)[2]
-    assert anchored["kl_to_base"] < 0.25 * free["kl_to_base"], (anchored, free)
 
 
 def test_bad_settings_are_named():
