@@ -24,7 +24,6 @@ from diffusion_policy.rl.critic import ValueMLP
 from diffusion_policy.rl.gae import gae
 from diffusion_policy.rl.ppo import PPOBatch, PPOConfig, ppo_update
 from diffusion_policy.rl.rollouts import Rollout, collect, make_chunk_envs
-from diffusion_policy.rl.sac import SACConfig, SoftActorCritic
 from diffusion_policy.rl.steering import NoiseSteering
 from diffusion_policy.training.builders import load_policy, resolve_device
 from diffusion_policy.training.checkpoint import load_checkpoint, save_checkpoint
@@ -108,20 +107,6 @@ class FineTuner:
         )
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.optimizer.critic_lr)
         self.ppo = PPOConfig(**OmegaConf.to_container(cfg.ppo, resolve=True))
-        self.sac = None
-        if cfg.algorithm == "sac":  # off-policy: a replay buffer and a Q-function on (obs, w)
-            if cfg.actor != "noise":
-                raise ValueError(f"algorithm=sac needs actor=noise, got actor={cfg.actor!r}")
-            self.sac = SoftActorCritic(
-                self.policy.noise_policy,
-                self.actor_opt,
-                feature_dim,
-                SACConfig(**OmegaConf.to_container(cfg.sac, resolve=True)),
-                gamma=cfg.rollout.gamma,
-                hidden_dims=list(cfg.critic.hidden_dims),
-            )
-        elif cfg.algorithm != "ppo":
-            raise ValueError(f"algorithm={cfg.algorithm!r} must be 'ppo' or 'sac'")
         self.clock = TimeBudget(cfg.max_minutes)
         self.iteration, self.env_steps, self.best_score = 0, 0, -math.inf
 
@@ -165,13 +150,13 @@ class FineTuner:
                 metrics = self._iterate()
                 self.iteration += 1
                 self.logger.log(metrics, step=self.iteration)
-                shown = ("ppo/approx_kl", "ppo/value_loss", "sac/q_loss", "sac/alpha")
                 log.info(
-                    "iteration %d: return %.3f, success %.2f%s",
+                    "iteration %d: return %.3f, success %.2f, approx_kl %.2e, value_loss %.3g",
                     self.iteration,
                     metrics["train/return"],
                     metrics["train/success_rate"],
-                    "".join(f", {k} {metrics[k]:.3g}" for k in shown if k in metrics),
+                    metrics.get("ppo/approx_kl", 0.0),
+                    metrics.get("ppo/value_loss", 0.0),
                 )
                 if self.runner is not None and self.iteration % cfg.eval_every == 0:
                     self._evaluate()
@@ -196,35 +181,26 @@ class FineTuner:
         self.policy.eval()
         rollout = collect(self.envs, self.actor, self.critic, seeds, self.n_decisions, gen)
         rollout_s = time.perf_counter() - tic
-        update_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.iteration)
-        if self.sac is None:
-            batch = self._ppo_batch(rollout)
-            n_decisions = len(batch.advantages)
-            stats = ppo_update(
-                self.actor,
-                self.critic,
-                self.actor_opt,
-                self.critic_opt,
-                batch,
-                self.ppo,
-                update_gen,
-                train_actor=self.iteration >= self.ppo.critic_warmup,
-            )
-        else:
-            n_decisions = self.sac.add(rollout, rcfg.reward_scale)
-            stats = self.sac.update(
-                round(n_decisions * self.sac.cfg.updates_per_decision),
-                update_gen,
-                train_actor=self.iteration >= self.sac.cfg.critic_warmup,
-            )
+        batch = self._ppo_batch(rollout)
+        perm_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.iteration)
+        stats = ppo_update(
+            self.actor,
+            self.critic,
+            self.actor_opt,
+            self.critic_opt,
+            batch,
+            self.ppo,
+            perm_gen,
+            train_actor=self.iteration >= self.ppo.critic_warmup,
+        )
         self.env_steps += rollout.env_steps
         eps = rollout.episodes
         return {
             "train/return": _mean(eps["return"]),
             "train/mean_score": _mean(eps["score"]),
             "train/success_rate": _mean(eps["success"]),
-            "train/n_decisions": float(n_decisions),
-            **{f"{cfg.algorithm}/{k}": v for k, v in stats.items()},
+            "train/n_decisions": float(len(batch.advantages)),
+            **{f"ppo/{k}": v for k, v in stats.items()},
             "env_steps": float(self.env_steps),
             "time/rollout_s": rollout_s,
             "time/update_s": time.perf_counter() - tic - rollout_s,
@@ -358,7 +334,6 @@ class FineTuner:
                     else None  # the noise actor has none
                 ),
                 "critic": self.critic.state_dict(),
-                "sac": None if self.sac is None else self.sac.state_dict(),
                 "actor_opt": self.actor_opt.state_dict(),
                 "critic_opt": self.critic_opt.state_dict(),
                 "iteration": self.iteration,
@@ -377,8 +352,6 @@ class FineTuner:
         if isinstance(self.actor, DenoisingChain):
             self.actor.base_denoiser.load_state_dict(state["base_denoiser"])
         self.critic.load_state_dict(state["critic"])
-        if self.sac is not None:
-            self.sac.load_state_dict(state["sac"])
         self.actor_opt.load_state_dict(state["actor_opt"])
         self.critic_opt.load_state_dict(state["critic_opt"])
         self.iteration, self.env_steps = int(state["iteration"]), int(state["env_steps"])

@@ -192,29 +192,3 @@ def test_std_lr_sets_the_noise_policys_std_learning_rate(bc_checkpoint, tmp_path
     model = load_checkpoint(run / "checkpoints" / "latest.ckpt")["model"]
     assert torch.equal(model["noise_policy.log_std"], torch.zeros(8, 2))  # std 1, unmoved
     assert model["noise_policy.mean_net.4.weight"].abs().sum() > 0  # the mean learned (from 0)
-
-
-SAC = ("actor=noise", "algorithm=sac", "eval_every=0", "sac.batch_size=8", "sac.critic_warmup=1")
-
-
-def test_sac_resumed_run_ends_where_an_uninterrupted_one_does(bc_checkpoint, tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    FineTuner(_cfg(bc_checkpoint, *SAC), straight).run()
-    FineTuner(_cfg(bc_checkpoint, *SAC, "n_iterations=1"), split).run()
-    FineTuner(_cfg(bc_checkpoint, *SAC, "resume=true"), split).run()
-    a = load_checkpoint(straight / "checkpoints" / "latest.ckpt")
-    b = load_checkpoint(split / "checkpoints" / "latest.ckpt")
-    assert a["finetune"]["sac"]["buffer"]["data"]["reward"].numel() > 0  # the buffer is kept
-    for key, value in a["model"].items():
-        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key)
-    for key, value in a["finetune"]["sac"]["q"].items():
-        torch.testing.assert_close(b["finetune"]["sac"]["q"][key], value, rtol=0, atol=0)
-    initial = load_checkpoint(bc_checkpoint)["model"]
-    assert not torch.equal(a["model"]["noise_policy.log_std"], torch.zeros(8, 2))  # it learned
-    for key, value in initial.items():  # the denoiser is frozen
-        assert torch.equal(a["model"][key], value), key
-
-
-def test_sac_needs_the_noise_actor(bc_checkpoint, tmp_path):
-    with pytest.raises(ValueError, match="algorithm=sac needs actor=noise"):
-        FineTuner(_cfg(bc_checkpoint, "algorithm=sac"), tmp_path / "run")
