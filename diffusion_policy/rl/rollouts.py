@@ -5,6 +5,8 @@ frames (the first one repeated after a reset, as the policy was trained) and its
 chunk whose first ``n_action_steps`` actions it executes, stopping early when the episode ends.
 A gymnasium ``SyncVectorEnv`` of them runs the envs in lockstep, and :func:`collect` samples the
 policy's stochastic denoising chain batched across the envs, one episode per env and iteration.
+An env whose episode has ended is set ``idle``: it no longer simulates, and the policy no longer
+samples for it, so an iteration costs what its episodes do, not ``n_envs * max_steps``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ class ChunkEnv(gym.Wrapper):
         max_steps: Env steps per episode at most (then truncated).
         success_bonus: Added to the reward of the decision that succeeds.
         fill_after_success: Pay the remaining steps' rewards on success.
+
+    Attributes:
+        idle: While True (set through the vector env's ``set_attr``), :meth:`step` simulates
+            nothing: it returns the last observation, reward 0 and ``chunk_steps`` 0. For envs
+            whose episode has ended and whose results are ignored.
     """
 
     def __init__(
@@ -80,6 +87,7 @@ class ChunkEnv(gym.Wrapper):
         self._history: deque[dict[str, np.ndarray]] = deque(maxlen=n_obs_steps)
         self._steps = 0
         self._episode: dict[str, float] = {}
+        self.idle = False
 
     def _stacked(self) -> dict[str, np.ndarray]:
         return {k: np.stack([o[k] for o in self._history]) for k in self._history[0]}  # (To, ..)
@@ -96,6 +104,9 @@ class ChunkEnv(gym.Wrapper):
         self, action: np.ndarray
     ) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
         """Executes ``action[:n_action_steps]`` (Ta, Da), stopping when the episode ends."""
+        if self.idle:
+            info = {**self._episode, "chunk_steps": 0, "elapsed": self._steps / self.max_steps}
+            return self._stacked(), 0.0, False, False, info
         reward, terminated, truncated, info = 0.0, False, False, {}
         success, start = False, self._steps
         for a in np.asarray(action)[: self.n_action_steps]:
@@ -209,6 +220,7 @@ def collect(
     start = policy.n_obs_steps - 1  # the chunk starts at the last observed step
     obs, info = envs.reset(seed=list(seeds))
     E = envs.num_envs
+    envs.set_attr("idle", [False] * E)
     alive = np.ones(E, dtype=bool)
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("cond", "elapsed", "samples")}
     rows["log_probs"] = []
@@ -219,14 +231,22 @@ def collect(
     cond = policy.encode_obs(obs_t)  # (E, To, F)
     elapsed = _elapsed(info, device)  # (E,)
     for _ in range(n_decisions):
-        sample = chain.sample(cond, generator, offset=policy.action_offset(obs_t))
-        chunk = sample.action[:, start : start + policy.n_action_steps]  # (E, Ta, Da)
-        obs, reward, terminated, truncated, info = envs.step(chunk.cpu().numpy())
+        # Only the envs whose episode goes on are sampled; the rows of the others stay zero.
+        live = torch.as_tensor(np.flatnonzero(alive), device=device)  # (A,)
+        offset = policy.action_offset(obs_t)
+        sample = chain.sample(cond[live], generator, None if offset is None else offset[live])
+        samples = sample.samples.new_zeros((E, *sample.samples.shape[1:]))  # (E, K + 1, T, Da)
+        samples[live] = sample.samples
+        log_probs = sample.log_probs.new_zeros((E, sample.log_probs.shape[1]))  # (E, K)
+        log_probs[live] = sample.log_probs
+        chunk = np.zeros((E, policy.n_action_steps, sample.action.shape[-1]), np.float32)
+        chunk[alive] = sample.action[:, start : start + policy.n_action_steps].cpu().numpy()
+        obs, reward, terminated, truncated, info = envs.step(chunk)  # (E, Ta, Da) in
         done = terminated | truncated
         rows["cond"].append(cond)
         rows["elapsed"].append(elapsed)
-        rows["samples"].append(sample.samples)
-        rows["log_probs"].append(sample.log_probs)
+        rows["samples"].append(samples)
+        rows["log_probs"].append(log_probs)
         rows["values"].append(critic(cond, elapsed))
         rows["rewards"].append(torch.as_tensor(reward, dtype=torch.float32, device=device))
         rows["dones"].append(torch.as_tensor(done, device=device))
@@ -237,6 +257,7 @@ def collect(
             episodes["score"].append(float(info["episode_score"][e]))
             episodes["success"].append(float(info["episode_success"][e]))
         alive &= ~done
+        envs.set_attr("idle", (~alive).tolist())
         obs_t = _to_tensors(obs, device)
         cond = policy.encode_obs(obs_t)
         elapsed = _elapsed(info, device)

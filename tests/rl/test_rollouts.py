@@ -61,3 +61,15 @@ def test_vector_of_chunk_envs_batches_histories():
     np.testing.assert_allclose(reward, [1.0, 1.0, 1.0])
     np.testing.assert_allclose(info["elapsed"], [0.2, 0.2, 0.2])
     envs.close()
+
+
+def test_idle_env_does_not_simulate():
+    envs = make_chunk_envs(CountingEnv, 2, n_obs_steps=1, n_action_steps=2, max_steps=10)
+    envs.reset(seed=[0, 1])
+    envs.set_attr("idle", [False, True])
+    obs, reward, terminated, truncated, info = envs.step(np.zeros((2, 2, 2)))
+    np.testing.assert_array_equal(obs["t"][:, -1, 0], [2.0, 0.0])  # env 1 took no step
+    np.testing.assert_allclose(reward, [1.0, 0.0])
+    np.testing.assert_array_equal(info["chunk_steps"], [2, 0])
+    assert not terminated.any() and not truncated.any()
+    envs.close()
