@@ -59,12 +59,12 @@ def bc_checkpoint(tmp_path) -> Path:
     return path
 
 
-def _cfg(checkpoint: Path, *overrides: str):
+def _cfg(checkpoint: Path, *overrides: str, experiment: str = "pusht_lowdim_rl"):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(
             config_name="finetune",
             overrides=[
-                "+experiment=pusht_lowdim_rl",
+                f"+experiment={experiment}",
                 f"checkpoint={checkpoint}",
                 "device=cpu",
                 "logger.mode=disabled",
@@ -198,6 +198,20 @@ def test_residual_actor_trains_the_correction_only_and_resumes(bc_checkpoint, tm
         assert torch.equal(a, b)  # the denoiser is frozen
     FineTuner(_cfg(bc_checkpoint, *overrides, "resume=true", "n_iterations=3"), run).run()
     assert load_checkpoint(latest)["finetune"]["iteration"] == 3
+
+
+@pytest.mark.parametrize(
+    ("experiment", "part", "settings"),
+    [
+        ("pusht_lowdim_dsrl", "noise_policy", {"init_std": 0.6}),
+        ("pusht_lowdim_residual", "residual_policy", {"init_std": 0.02, "max_delta": 0.1}),
+    ],
+)
+def test_the_steering_and_residual_recipes_run(bc_checkpoint, tmp_path, experiment, part, settings):
+    run = tmp_path / "run"
+    FineTuner(_cfg(bc_checkpoint, "n_iterations=1", experiment=experiment), run).run()
+    _, cfg = load_policy(run / "checkpoints" / "latest.ckpt")
+    assert {k: cfg.policy[part][k] for k in settings} == settings
 
 
 def test_unknown_actor_is_named(bc_checkpoint, tmp_path):
