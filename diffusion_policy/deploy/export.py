@@ -11,9 +11,7 @@ included) as safetensors, which hold tensors only, and the architecture as JSON:
      "noise_scheduler": {"class": "DPMSolverMultistepScheduler", "config": {...}}}
 
 A policy fine-tuned with ``actor=noise`` adds its noise policy's settings to ``"policy"``
-(``"noise_policy": {"hidden_dims": [...], "init_std": ..., "max_mean": ...}``); one fine-tuned
-with ``actor=residual`` its residual policy's too (``"residual_policy": {"hidden_dims": [...],
-"init_std": ..., "max_delta": ...}``).
+(``"noise_policy": {"hidden_dims": [...], "init_std": ..., "max_mean": ...}``).
 
 :func:`load_exported` rebuilds the policy without Hydra and without importing or running
 anything the folder names: class names go through the explicit tables below (diffusers
@@ -67,7 +65,6 @@ PARTS: dict[str, type[nn.Module]] = {"ResNetKeypointEncoder": ResNetKeypointEnco
 FILE_ARGUMENTS = ("weights",)
 TOP_KEYS = ("format", "policy", "shape_meta", "encoder", "denoiser", "noise_scheduler")
 POLICY_KEYS = ("horizon", "n_obs_steps", "n_action_steps", "num_inference_steps")
-LEARNED_PARTS = ("noise_policy", "residual_policy")  # optional settings of RL fine-tuning
 
 
 class ExportError(ValueError):
@@ -122,11 +119,8 @@ def policy_config(policy: DiffusionPolicy, cfg: Mapping[str, Any]) -> dict[str, 
             "config": json.loads(json.dumps(plain_values(scheduler_config))),
         },
     }
-    # RL fine-tuning's learned initial noise and action correction (plain values)
-    for name in LEARNED_PARTS:
-        part = getattr(policy, name)
-        if part is not None:
-            config["policy"][name] = part.config()
+    if policy.noise_policy is not None:  # RL fine-tuning's learned initial noise (plain values)
+        config["policy"]["noise_policy"] = policy.noise_policy.config()
     _check_plain(config, "config")
     return config
 
@@ -211,11 +205,10 @@ def build_policy(config: Any) -> DiffusionPolicy:
     if config["format"] != FORMAT:
         raise ExportError(f"config.format={config['format']!r}; this loader reads {FORMAT!r}")
     sizes = config["policy"]
-    _check_keys(sizes, POLICY_KEYS, "config.policy", optional=LEARNED_PARTS)
-    for name in LEARNED_PARTS:
-        part = sizes.get(name)
-        if part is not None and not isinstance(part, dict):
-            raise ExportError(f"config.policy.{name} must be an object, got {part!r:.80}")
+    _check_keys(sizes, POLICY_KEYS, "config.policy", optional=("noise_policy",))
+    noise_policy = sizes.get("noise_policy")
+    if noise_policy is not None and not isinstance(noise_policy, dict):
+        raise ExportError(f"config.policy.noise_policy must be an object, got {noise_policy!r:.80}")
     for key in POLICY_KEYS:
         value = sizes[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -234,8 +227,7 @@ def build_policy(config: Any) -> DiffusionPolicy:
             n_obs_steps=sizes["n_obs_steps"],
             n_action_steps=sizes["n_action_steps"],
             num_inference_steps=sizes["num_inference_steps"],
-            noise_policy=sizes.get("noise_policy"),
-            residual_policy=sizes.get("residual_policy"),
+            noise_policy=noise_policy,
         )
     except (TypeError, ValueError, KeyError) as e:
         raise ExportError(f"config does not build a policy: {type(e).__name__}: {e}") from None

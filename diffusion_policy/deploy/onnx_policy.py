@@ -104,15 +104,9 @@ def export_onnx(
 
     Raises:
         OnnxExportError: The sampler draws noise or has no plan, the policy draws its noise
-            from a learned ``noise_policy`` (the graph takes N(0, I) noise) or corrects it
-            with a ``residual_policy`` (not in the graph), or the check failed (then nothing
-            is written).
+            from a learned ``noise_policy`` (the graph takes N(0, I) noise), or the check
+            failed (then nothing is written).
     """
-    if policy.residual_policy is not None:
-        raise OnnxExportError(
-            "the policy has a residual_policy (RL fine-tuning with actor=residual); the "
-            "exported graph would drop its correction"
-        )
     if policy.noise_policy is not None:
         raise OnnxExportError(
             "the policy has a noise_policy (RL fine-tuning with actor=noise); the exported "

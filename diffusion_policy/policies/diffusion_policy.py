@@ -15,7 +15,6 @@ from diffusion_policy.data.keys import ACTION, LOW_DIM, OBS, raw_key
 from diffusion_policy.data.normalizer import LinearNormalizer
 from diffusion_policy.policies.cuda_graph import GraphedSampler
 from diffusion_policy.policies.noise_policy import NoisePolicy
-from diffusion_policy.policies.residual_policy import ResidualPolicy
 from diffusion_policy.policies.sampler_plan import SamplerPlan, plan_sampler, takes_generator
 from diffusion_policy.training.precision import resolve_precision
 from diffusion_policy.utils.checks import check_window
@@ -53,9 +52,6 @@ class DiffusionPolicy(nn.Module):
         noise_policy: A learned initial-noise distribution (:class:`NoisePolicy`, written by
             RL fine-tuning with ``actor=noise``): its settings ``{hidden_dims, init_std,
             max_mean}``. None: the sampler starts from N(0, I).
-        residual_policy: A learned correction of the executed actions (:class:`ResidualPolicy`,
-            written by RL fine-tuning with ``actor=residual``): its settings ``{hidden_dims,
-            init_std, max_delta}``; its mean is added to every sample. None: no correction.
     """
 
     def __init__(
@@ -70,7 +66,6 @@ class DiffusionPolicy(nn.Module):
         num_inference_steps: int | None = None,
         action_origin: Mapping[str, Sequence[int]] | None = None,
         noise_policy: Mapping[str, Any] | None = None,
-        residual_policy: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         check_window(horizon, n_obs_steps, n_action_steps)
@@ -92,16 +87,6 @@ class DiffusionPolicy(nn.Module):
         if noise_policy is not None:
             self.noise_policy = NoisePolicy.from_config(
                 noise_policy, n_obs_steps * encoder.output_dim, horizon, self.action_dim
-            )
-        self.residual_policy: ResidualPolicy | None = None
-        if residual_policy is not None:
-            self.residual_policy = ResidualPolicy.from_config(
-                residual_policy,
-                n_obs_steps * encoder.output_dim,
-                horizon,
-                self.action_dim,
-                n_obs_steps - 1,
-                n_action_steps,
             )
         self.noise_scheduler = noise_scheduler
         self.num_train_timesteps = int(noise_scheduler.config.num_train_timesteps)
@@ -126,15 +111,9 @@ class DiffusionPolicy(nn.Module):
             n_action_steps: Actions per returned chunk (Ta), from the last observed step on.
 
         Raises:
-            ValueError: The window ``n_obs_steps - 1 + n_action_steps`` exceeds the horizon,
-                or the policy has a residual policy trained for another number of actions.
+            ValueError: The window ``n_obs_steps - 1 + n_action_steps`` exceeds the horizon.
         """
         check_window(self.horizon, self.n_obs_steps, n_action_steps)
-        if self.residual_policy is not None and n_action_steps != self.n_action_steps:
-            raise ValueError(
-                f"n_action_steps={n_action_steps}: this policy's residual_policy corrects "
-                f"chunks of {self.n_action_steps} actions"
-            )
         self.n_action_steps = n_action_steps
 
     def set_sampler(
@@ -448,8 +427,6 @@ class DiffusionPolicy(nn.Module):
         cond = self.encode_obs(obs)  # (B, To, F)
         x = self.initial_noise(cond, generator)  # (B, T, Da)
         x = self.denoise(x, cond, generator)
-        if self.residual_policy is not None:
-            x = self.residual_policy.correct(cond, x)
         return self.actions_from_sample(x, self.action_offset(obs))
 
     def initial_noise(

@@ -27,78 +27,7 @@ def gaussian_log_density(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor)
     return -0.5 * z**2 - std.log() - 0.5 * _LOG_2PI
 
 
-class GaussianMLP(nn.Module):
-    """``N(mean(inputs), diag(std^2))`` over a (rows, Da) tensor: an MLP mean bounded by
-    ``bound * tanh(out / bound)``, zero until trained, and a learned std per element.
-
-    The shared part of :class:`NoisePolicy` and the residual policy
-    (:class:`~diffusion_policy.policies.residual_policy.ResidualPolicy`).
-
-    Args:
-        input_dim: Size of the flattened inputs.
-        shape: (rows, Da) of the distribution.
-        hidden_dims: Widths of the mean's hidden layers.
-        init_std: The initial standard deviation.
-        bound: Bound of ``|mean|`` (> 0).
-        name: The settings' name in a policy config, for errors.
-
-    Raises:
-        ValueError: ``init_std`` not positive, naming it.
-    """
-
-    def __init__(
-        self,
-        input_dim: int,
-        shape: tuple[int, int],
-        hidden_dims: tuple[int, ...] | list[int],
-        init_std: float,
-        bound: float,
-        name: str,
-    ) -> None:
-        super().__init__()
-        if not init_std > 0:
-            raise ValueError(f"{name}.init_std={init_std} must be > 0")
-        self.shape = shape
-        self.bound = float(bound)
-        self.init_std = float(init_std)
-        layers: list[nn.Module] = []
-        width = input_dim
-        for hidden in hidden_dims:
-            layers += [nn.Linear(width, int(hidden)), nn.Mish()]
-            width = int(hidden)
-        last = nn.Linear(width, shape[0] * shape[1])
-        nn.init.zeros_(last.weight)  # mean = 0 until trained
-        nn.init.zeros_(last.bias)
-        self.mean_net = nn.Sequential(*layers, last)
-        self.log_std = nn.Parameter(torch.full(shape, math.log(init_std)))
-
-    @staticmethod
-    def check_keys(config: Mapping[str, Any], known: tuple[str, ...], name: str) -> None:
-        """Refuses settings with keys other than ``known``, naming them."""
-        unknown = sorted(set(config) - set(known))
-        if unknown:
-            raise ValueError(f"policy.{name}: unknown keys {unknown}; known: {known}")
-
-    def hidden_dims(self) -> list[int]:
-        """The widths of the mean's hidden layers."""
-        return [m.out_features for m in self.mean_net[:-1] if isinstance(m, nn.Linear)]
-
-    def gaussian(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mean (B, rows, Da) and standard deviation (rows, Da) given inputs (B, ...)."""
-        out = self.mean_net(inputs.flatten(1).float()).view(-1, *self.shape)
-        mean = self.bound * torch.tanh(out / self.bound)
-        return mean, self.log_std.clamp(-5.0, 2.0).exp()
-
-    def draw(
-        self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None
-    ) -> torch.Tensor:
-        """``mean + std * eps`` (B, rows, Da); the generator may live on another device."""
-        device = mean.device if generator is None else generator.device
-        eps = torch.randn(mean.shape, generator=generator, device=device).to(mean.device)
-        return mean + std * eps
-
-
-class NoisePolicy(GaussianMLP):
+class NoisePolicy(nn.Module):
     """``N(mu(obs), diag(sigma^2))`` over the sampler's initial noise (T, Da).
 
     Args:
@@ -123,12 +52,23 @@ class NoisePolicy(GaussianMLP):
         init_std: float = 1.0,
         max_mean: float = 2.5,
     ) -> None:
-        if not max_mean > 0:
-            raise ValueError(f"noise_policy.max_mean={max_mean} must be > 0")
-        super().__init__(
-            input_dim, (horizon, action_dim), hidden_dims, init_std, max_mean, "noise_policy"
-        )
+        super().__init__()
+        for name, value in (("init_std", init_std), ("max_mean", max_mean)):
+            if not value > 0:
+                raise ValueError(f"noise_policy.{name}={value} must be > 0")
+        self.shape = (horizon, action_dim)
         self.max_mean = float(max_mean)
+        self.init_std = float(init_std)
+        layers: list[nn.Module] = []
+        width = input_dim
+        for hidden in hidden_dims:
+            layers += [nn.Linear(width, int(hidden)), nn.Mish()]
+            width = int(hidden)
+        last = nn.Linear(width, horizon * action_dim)
+        nn.init.zeros_(last.weight)  # mu = 0 until trained: the sampler's own N(0, I)
+        nn.init.zeros_(last.bias)
+        self.mean_net = nn.Sequential(*layers, last)
+        self.log_std = nn.Parameter(torch.full(self.shape, math.log(init_std)))
 
     @classmethod
     def from_config(
@@ -139,24 +79,34 @@ class NoisePolicy(GaussianMLP):
         Raises:
             ValueError: An unknown key, naming it.
         """
-        cls.check_keys(config, NOISE_POLICY_KEYS, "noise_policy")
+        unknown = sorted(set(config) - set(NOISE_POLICY_KEYS))
+        if unknown:
+            raise ValueError(
+                f"policy.noise_policy: unknown keys {unknown}; known: {NOISE_POLICY_KEYS}"
+            )
         return cls(input_dim, horizon, action_dim, **config)
 
     def config(self) -> dict[str, Any]:
         """The settings :meth:`from_config` rebuilds this module's shape from."""
+        hidden = [m.out_features for m in self.mean_net[:-1] if isinstance(m, nn.Linear)]
         return {
-            "hidden_dims": self.hidden_dims(),
+            "hidden_dims": hidden,
             "init_std": self.init_std,
             "max_mean": self.max_mean,
         }
 
     def forward(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The mean (B, T, Da) and standard deviation (T, Da) given features (B, To, F)."""
-        return self.gaussian(cond)
+        out = self.mean_net(cond.flatten(1).float()).view(-1, *self.shape)
+        mean = self.max_mean * torch.tanh(out / self.max_mean)
+        return mean, self.log_std.clamp(-5.0, 2.0).exp()
 
     def sample(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draws initial noise (B, T, Da); the generator may live on another device."""
-        return self.draw(*self(cond), generator)
+        mean, std = self(cond)
+        device = cond.device if generator is None else generator.device
+        eps = torch.randn(mean.shape, generator=generator, device=device).to(mean.device)
+        return mean + std * eps
 
     def log_prob(
         self, w: torch.Tensor, cond: torch.Tensor

@@ -18,13 +18,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_policy.policies.noise_policy import GaussianMLP, NoisePolicy
-from diffusion_policy.policies.residual_policy import ResidualPolicy
+from diffusion_policy.policies.noise_policy import NoisePolicy
 from diffusion_policy.rl.chain import DenoisingChain, ddim_config
 from diffusion_policy.rl.critic import ValueMLP
 from diffusion_policy.rl.gae import gae
 from diffusion_policy.rl.ppo import PPOBatch, PPOConfig, ppo_update
-from diffusion_policy.rl.residual import ResidualActor
 from diffusion_policy.rl.rollouts import Rollout, collect, make_chunk_envs
 from diffusion_policy.rl.steering import NoiseSteering
 from diffusion_policy.training.builders import load_policy, resolve_device
@@ -96,15 +94,8 @@ class FineTuner:
                 self._attach_noise_policy(feature_dim)
             self.actor = NoiseSteering(self.policy)
             trained = self.policy.noise_policy
-        elif cfg.actor == "residual":  # a correction of the executed actions; noise_policy
-            if self.policy.noise_policy is None:  # (untrained) sets the base's temperature
-                self._attach_noise_policy(feature_dim)
-            if self.policy.residual_policy is None:
-                self._attach_residual_policy(feature_dim)
-            self.actor = ResidualActor(self.policy)
-            trained = self.policy.residual_policy
         else:
-            raise ValueError(f"actor={cfg.actor!r} must be 'chain', 'noise' or 'residual'")
+            raise ValueError(f"actor={cfg.actor!r} must be 'chain' or 'noise'")
         trained.requires_grad_(True)
         if cfg.sampler == "chain":
             self._deploy_chain_sampler(ccfg.num_steps or self.policy.num_train_timesteps)
@@ -283,11 +274,11 @@ class FineTuner:
             )
 
     def _actor_param_groups(self, trained: torch.nn.Module) -> list[dict[str, Any]]:
-        """The trained module's parameters; a noise or residual policy's ``log_std`` at
+        """The trained module's parameters; a noise policy's ``log_std`` at
         ``optimizer.std_lr`` when set (Adam moves a parameter by about its lr per step, so the
         std would otherwise change by ~0.1% per step)."""
         std_lr = self.cfg.optimizer.get("std_lr")
-        if not isinstance(trained, GaussianMLP) or std_lr is None:
+        if not isinstance(trained, NoisePolicy) or std_lr is None:
             return [{"params": list(trained.parameters())}]
         rest = [p for name, p in trained.named_parameters() if name != "log_std"]
         return [{"params": rest}, {"params": [trained.log_std], "lr": float(std_lr)}]
@@ -302,22 +293,6 @@ class FineTuner:
         )
         policy.noise_policy = noise_policy.to(self.device)
         self.policy_cfg.policy.noise_policy = noise_policy.config()
-
-    def _attach_residual_policy(self, feature_dim: int) -> None:
-        """Gives the policy a :class:`ResidualPolicy` (no correction until trained), in its
-        config too, so that the checkpoints written here load with it."""
-        policy = self.policy
-        settings = OmegaConf.to_container(self.cfg.residual_policy, resolve=True)
-        residual = ResidualPolicy.from_config(
-            settings,
-            feature_dim,
-            policy.horizon,
-            policy.action_dim,
-            policy.n_obs_steps - 1,
-            policy.n_action_steps,
-        )
-        policy.residual_policy = residual.to(self.device)
-        self.policy_cfg.policy.residual_policy = residual.config()
 
     def _make_runner(self) -> Any:
         """The policy's EnvRunner from its stored config, with ``eval`` settings merged over."""

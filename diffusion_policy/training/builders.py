@@ -56,7 +56,6 @@ def _build_policy(
         num_inference_steps=cfg.policy.num_inference_steps,
         action_origin=action_origin(cfg),
         noise_policy=_plain(cfg.policy.get("noise_policy")),
-        residual_policy=_plain(cfg.policy.get("residual_policy")),
     )
 
 

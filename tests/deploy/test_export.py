@@ -14,7 +14,6 @@ from omegaconf import OmegaConf
 from diffusion_policy.deploy.export import ExportError, export_policy, load_exported
 from diffusion_policy.deploy.onnx_policy import OnnxPolicy
 from diffusion_policy.policies.noise_policy import NoisePolicy
-from diffusion_policy.policies.residual_policy import ResidualPolicy
 from diffusion_policy.training.builders import load_policy
 from tests.deploy.fakes import TINY_CFG, tiny_policy, write_checkpoint
 
@@ -62,17 +61,6 @@ def test_a_learned_noise_policy_is_exported_with_the_policy(tmp_path):
     (tmp_path / "export" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ExportError, match=r"noise_policy: unknown keys \['depth'\]"):
         load_exported(tmp_path / "export")
-
-
-def test_a_learned_residual_policy_is_exported_with_the_policy(tmp_path):
-    policy = tiny_policy()
-    policy.residual_policy = ResidualPolicy(
-        2 * policy.encoder.output_dim, policy.horizon, 2, 1, policy.n_action_steps, [8]
-    )
-    torch.nn.init.normal_(policy.residual_policy.mean_net[-1].bias)  # as if trained
-    loaded = load_exported(export_policy(policy, OmegaConf.create(TINY_CFG), tmp_path / "ex"))
-    assert loaded.residual_policy.config() == policy.residual_policy.config()
-    assert torch.equal(_actions(loaded), _actions(policy))
 
 
 @pytest.mark.slow  # a subprocess: ~25 s of imports and an ONNX export on a busy machine

@@ -23,7 +23,6 @@ from diffusion_policy.deploy.onnx_policy import (
 )
 from diffusion_policy.deploy.warmup import set_inference_threads
 from diffusion_policy.policies.noise_policy import NoisePolicy
-from diffusion_policy.policies.residual_policy import ResidualPolicy
 from diffusion_policy.training.builders import build_policy
 from tests.deploy.fakes import PUSHT_SHAPE_META, TINY_CFG, serving, tiny_policy
 
@@ -129,16 +128,6 @@ def test_a_learned_noise_policy_is_refused(tmp_path):
     with pytest.raises(OnnxExportError, match="has a noise_policy .* would drop it"):
         export_onnx(policy, tmp_path / "steered.onnx")
     assert not (tmp_path / "steered.onnx").exists()
-
-
-def test_a_learned_residual_policy_is_refused(tmp_path):
-    policy = tiny_policy()
-    policy.set_sampler(DDIMScheduler.from_config(policy.noise_scheduler.config), 4)
-    dims = (2 * policy.encoder.output_dim, policy.horizon, 2, 1, policy.n_action_steps)
-    policy.residual_policy = ResidualPolicy(*dims)
-    with pytest.raises(OnnxExportError, match="has a residual_policy .* drop its correction"):
-        export_onnx(policy, tmp_path / "corrected.onnx")
-    assert not (tmp_path / "corrected.onnx").exists()
 
 
 def test_an_image_policy_exports_with_uint8_images(tmp_path):

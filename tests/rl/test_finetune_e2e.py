@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -181,41 +180,15 @@ def test_noise_actor_trains_the_noise_policy_only_and_resumes(bc_checkpoint, tmp
     assert load_checkpoint(latest)["finetune"]["iteration"] == 3
 
 
-def test_residual_actor_trains_the_correction_only_and_resumes(bc_checkpoint, tmp_path):
+def test_the_steering_recipe_runs(bc_checkpoint, tmp_path):
     run = tmp_path / "run"
-    overrides = ("actor=residual", "eval_every=0", "noise_policy.init_std=0.5")
-    FineTuner(_cfg(bc_checkpoint, *overrides), run).run()
-    latest = run / "checkpoints" / "latest.ckpt"
-    # The checkpoint loads as a policy with its residual policy and the base's temperature.
-    policy, cfg = load_policy(latest)
-    initial, _ = load_policy(bc_checkpoint)
-    assert cfg.policy.residual_policy == {"hidden_dims": [256, 256], "init_std": 0.02,
-                                          "max_delta": 0.1}  # fmt: skip
-    assert policy.residual_policy.mean_net[-1].weight.abs().sum() > 0  # trained from zero
-    assert torch.equal(policy.noise_policy.log_std, torch.full((8, 2), math.log(0.5)))  # fixed
-    assert policy.noise_policy.mean_net[-1].weight.abs().sum() == 0
-    for a, b in zip(policy.denoiser.parameters(), initial.denoiser.parameters(), strict=True):
-        assert torch.equal(a, b)  # the denoiser is frozen
-    FineTuner(_cfg(bc_checkpoint, *overrides, "resume=true", "n_iterations=3"), run).run()
-    assert load_checkpoint(latest)["finetune"]["iteration"] == 3
-
-
-@pytest.mark.parametrize(
-    ("experiment", "part", "settings"),
-    [
-        ("pusht_lowdim_dsrl", "noise_policy", {"init_std": 0.6}),
-        ("pusht_lowdim_residual", "residual_policy", {"init_std": 0.02, "max_delta": 0.1}),
-    ],
-)
-def test_the_steering_and_residual_recipes_run(bc_checkpoint, tmp_path, experiment, part, settings):
-    run = tmp_path / "run"
-    FineTuner(_cfg(bc_checkpoint, "n_iterations=1", experiment=experiment), run).run()
+    FineTuner(_cfg(bc_checkpoint, "n_iterations=1", experiment="pusht_lowdim_dsrl"), run).run()
     _, cfg = load_policy(run / "checkpoints" / "latest.ckpt")
-    assert {k: cfg.policy[part][k] for k in settings} == settings
+    assert cfg.policy.noise_policy.init_std == 0.6  # the recipe's starting temperature
 
 
 def test_unknown_actor_is_named(bc_checkpoint, tmp_path):
-    with pytest.raises(ValueError, match="actor='dsrl' must be 'chain', 'noise' or 'residual'"):
+    with pytest.raises(ValueError, match="actor='dsrl' must be 'chain' or 'noise'"):
         FineTuner(_cfg(bc_checkpoint, "actor=dsrl"), tmp_path / "run")
 
 
