@@ -241,7 +241,7 @@ def collect(
         log_probs[live] = sample.log_probs
         chunk = np.zeros((E, policy.n_action_steps, sample.action.shape[-1]), np.float32)
         chunk[alive] = sample.action[:, start : start + policy.n_action_steps].cpu().numpy()
-        obs, reward, terminated, truncated, info = envs.step(chunk)  # (E, Ta, Da) in
+        obs, reward, terminated, truncated, info = envs.step(chunk)  # idle envs ignore theirs
         done = terminated | truncated
         rows["cond"].append(cond)
         rows["elapsed"].append(elapsed)

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import gymnasium as gym
-import numpy as np
 import torch
-from gymnasium import spaces
 from torch.distributions import Normal, kl_divergence
 
 from diffusion_policy.policies.noise_policy import NoisePolicy
 from diffusion_policy.rl.critic import ValueMLP
 from diffusion_policy.rl.ppo import PPOBatch, PPOConfig, ppo_update
-from diffusion_policy.rl.rollouts import collect, make_chunk_envs
 from diffusion_policy.rl.steering import NoiseSteering
 
 OBS = {"keypoint": torch.rand(8, 2, 18) * 512, "agent_pos": torch.rand(8, 2, 2) * 512}
@@ -68,45 +64,3 @@ def test_kl_to_base_is_the_gaussian_kl_to_the_standard_normal(tiny_policy):
     torch.testing.assert_close(kl, expected.mean())
     zero = steering.kl_to_base(None, None, None, torch.zeros(3, 8, 2), torch.ones(8, 2))
     assert zero == 0
-
-
-class EndsBySeedEnv(gym.Env):
-    """Push-T-shaped observations; the episode seeded ``s`` succeeds at its step ``s``."""
-
-    observation_space = spaces.Dict(
-        {
-            "keypoint": spaces.Box(0, 512, (18,), np.float32),
-            "agent_pos": spaces.Box(0, 512, (2,), np.float32),
-        }
-    )
-    action_space = spaces.Box(0, 512, (2,), np.float32)
-    simulated = 0  # steps taken by all instances
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        self.end, self.t = seed or 1, 0
-        return self.observation_space.sample(), {}
-
-    def step(self, action):
-        EndsBySeedEnv.simulated += 1
-        self.t += 1
-        success = self.t == self.end
-        return self.observation_space.sample(), 1.0, success, False, {"is_success": success}
-
-
-def test_collect_samples_and_simulates_only_running_episodes(tiny_policy):
-    steering = _steering(tiny_policy)
-    batch_sizes = []
-    sample = steering.sample
-    steering.sample = lambda cond, *a: batch_sizes.append(len(cond)) or sample(cond, *a)
-    envs = make_chunk_envs(EndsBySeedEnv, 3, n_obs_steps=2, n_action_steps=4, max_steps=20)
-    critic = ValueMLP(2 * tiny_policy.encoder.output_dim, [16])
-    EndsBySeedEnv.simulated = 0
-    # Episodes of 2, 8 and 15 steps: 1, 2 and 4 decisions of 4 steps.
-    rollout = collect(envs, steering, critic, [2, 8, 15], 5, torch.Generator().manual_seed(0))
-    assert batch_sizes == [3, 2, 1, 1]
-    torch.testing.assert_close(rollout.valid.sum(0), torch.tensor([1, 2, 4]))
-    assert rollout.env_steps == EndsBySeedEnv.simulated == 2 + 8 + 15
-    assert rollout.episodes["success"] == [1.0, 1.0, 1.0]
-    assert (rollout.log_probs[~rollout.valid] == 0).all()
-    envs.close()
